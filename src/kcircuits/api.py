@@ -1,0 +1,321 @@
+"""The Python API behind every CLI command: discover and evaluate knowledge circuits, end to end.
+
+``discover`` = prompts -> attribution scores -> circuit -> evaluation -> run folder with report;
+``evaluate`` = an existing circuit evaluated on any relations' prompts. Each step's result is
+written to the run folder as soon as it exists and reused by a rerun with the same config.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kcircuits import __version__
+from kcircuits.ablation import check_ablation, mean_activations
+from kcircuits.batching import ANSWER_SCORING, Batch, make_batches
+from kcircuits.data import build_prompts, load_dataset, split_samples
+from kcircuits.discover.eap import METHODS, attribute
+from kcircuits.engine import Engine
+from kcircuits.errors import KcircuitsError
+from kcircuits.evaluate import CURVE_PERCENTS, Evaluator, random_circuit, select, select_by_threshold
+from kcircuits.graph import Circuit, Graph
+from kcircuits.metrics import METRICS, answer_rank
+from kcircuits.models import LoadedModel, load_model
+from kcircuits.report import write_report
+from kcircuits.report_data import build_report
+from kcircuits.runs import RunFolder, default_run_dir
+
+
+@dataclass
+class PromptSplit:
+    """The prompt pairs of one relation for one role (discovery or test), with what was skipped."""
+
+    relation: str
+    role: str  # "discover" | "test" | "all"
+    pairs: list
+    skipped: dict[str, int]
+    n_candidates: int
+
+    def to_json(self) -> dict:
+        return {"relation": self.relation, "role": self.role, "n_pairs": len(self.pairs), "skipped": self.skipped,
+                "n_candidates": self.n_candidates,
+                "pairs": [{"clean": p.clean_text, "corrupt": p.corrupt_text, "answer": p.object,
+                           "corrupt_answer": p.corrupt_object, "n_tokens": len(p.clean_ids)} for p in self.pairs]}
+
+
+@dataclass
+class RunOutput:
+    folder: Path
+    circuit: Circuit
+    metrics: dict
+    scores: torch.Tensor | None = None
+    prompts: dict = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.html"
+
+
+def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+
+
+def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int) -> tuple[list, int]:
+    """Keep the pairs whose answer's first token the model ranks within ``top_k`` on the clean prompt."""
+    kept = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = make_batches(chunk, pad_id, len(chunk))[0].to(engine.w.W_E.device)
+            ranks = answer_rank(engine.run(engine.embed(batch.clean), batch.target_pos).logits, batch)
+            kept += [p for p, r in zip(chunk, ranks.tolist()) if r <= top_k]
+    return kept, len(pairs) - len(kept)
+
+
+def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, split: float | None, known_only: bool,
+                    known_k: int, max_pairs: int | None, seed: int, batch_size: int,
+                    templates: list[int] | None = None) -> dict[str, PromptSplit]:
+    """Build the prompt pairs of a relation: one set, or disjoint discover/test halves by subject."""
+    ds = load_dataset(relation)
+    parts = {"all": ds} if split is None else dict(zip(("discover", "test"), split_samples(ds, split, seed)))
+    out = {}
+    for role, part in parts.items():
+        ps = build_prompts(part, model.tokenizer, templates=templates, max_pairs=max_pairs, seed=seed)
+        skipped = dict(ps.skipped)
+        pairs = list(ps.pairs)
+        if known_only and pairs:
+            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size)
+            skipped[f"not_known_top{known_k}"] = dropped
+        if not pairs:
+            reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) or "none"
+            raise KcircuitsError(
+                f"relation {ds.name!r} ({role}): no usable prompt pairs after filtering ({ps.n_candidates} candidates; "
+                f"skipped {reasons}); try without --known-only, a larger --known-k, or more samples"
+            )
+        out[role] = PromptSplit(ds.name, role, pairs, skipped, ps.n_candidates)
+    return out
+
+
+def _batches(model: LoadedModel, pairs: list, batch_size: int, answer_scoring: str) -> list[Batch]:
+    return [b.to(model.device) for b in make_batches(pairs, model.pad_token_id, batch_size, answer_scoring)]
+
+
+def _environment() -> dict:
+    return {"kcircuits": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _validate(method: str, metric: str, ablation: str, answer_scoring: str, selection: str) -> None:
+    if method not in METHODS:
+        raise KcircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if metric not in METRICS:
+        raise KcircuitsError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    check_ablation(ablation)
+    if answer_scoring not in ANSWER_SCORING:
+        raise KcircuitsError(f"unknown answer scoring {answer_scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
+    if answer_scoring == "full" and metric == "logit_diff":
+        raise KcircuitsError("the logit difference compares single tokens; with --answer-scoring full use --metric logprob or prob")
+    if selection not in ("topn", "greedy", "threshold"):
+        raise KcircuitsError(f"unknown selection {selection!r}: use topn, greedy or threshold")
+
+
+def discover(
+    relation: str = "country_capital",
+    model: str | LoadedModel = "smollm2-135m",
+    *,
+    out: str | Path | None = None,
+    method: str = "eap-ig",
+    steps: int = 5,
+    metric: str = "logit_diff",
+    ablation: str = "corrupt",
+    selection: str = "topn",
+    n_edges: int | None = None,
+    percent: float | None = None,
+    threshold: float | None = None,
+    absolute: bool = True,
+    split: float | None = None,
+    known_only: bool = False,
+    known_k: int = 1,
+    answer_scoring: str = "first_token",
+    max_pairs: int | None = 64,
+    templates: list[int] | None = None,
+    batch_size: int = 8,
+    curve: bool = True,
+    curve_percents: Sequence[float] = CURVE_PERCENTS,
+    n_random: int = 3,
+    grouped: bool = True,
+    device: str | None = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> RunOutput:
+    """Find the circuit of one relation and evaluate it; write everything to a run folder.
+
+    The circuit size is ``n_edges``, or ``percent`` of all edges, or every edge scoring at least
+    ``threshold`` (default: 1% of the edges). With ``split`` (e.g. 0.5) the circuit is found on
+    that fraction of the relation's subjects and evaluated on the rest.
+    """
+    _validate(method, metric, ablation, answer_scoring, "threshold" if threshold is not None else selection)
+    model_name = model.name if isinstance(model, LoadedModel) else model
+    reproduce = dict(command="discover", relation=relation, model=model_name, method=method, steps=steps, metric=metric,
+                     ablation=ablation, selection=selection, n_edges=n_edges, percent=percent, threshold=threshold,
+                     absolute=absolute, split=split, known_only=known_only, known_k=known_k,
+                     answer_scoring=answer_scoring, max_pairs=max_pairs, templates=templates, grouped=grouped,
+                     dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random)
+    folder = Path(out) if out else default_run_dir("discover", [Path(relation).stem, Path(model_name).name, method], reproduce)
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(),
+                             "batch_size": batch_size, "device": str(device)})
+    torch.manual_seed(seed)
+    lm = _model(model, device, dtype)
+    graph = Graph.from_model(lm.weights, grouped=grouped)
+    engine = Engine(lm.weights, graph)
+
+    # 1. prompts
+    sets = prepare_prompts(lm, engine, relation, split=split, known_only=known_only, known_k=known_k,
+                           max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates)
+    run.write_json("prompts.json", {role: s.to_json() for role, s in sets.items()})
+    found_on = sets.get("discover", sets.get("all"))
+    tested_on = sets.get("test", found_on)
+    disc_batches = _batches(lm, found_on.pairs, batch_size, answer_scoring)
+
+    # 2. attribution scores (reused when present)
+    mean = mean_activations(engine, disc_batches) if ablation == "mean" else None
+    if run.has("scores.safetensors"):
+        scores = run.read_tensors("scores.safetensors")["scores"].to(lm.device)
+    else:
+        scores = attribute(engine, disc_batches, method=method, metric=metric, steps=steps, ablation=ablation,
+                           mean=mean, progress=progress)
+        run.write_tensors("scores.safetensors", {"scores": scores},
+                          {"src_names": ",".join(graph.src_names), "dst_names": ",".join(graph.dst_names)})
+
+    # 3. circuit
+    if threshold is not None:
+        circuit = select_by_threshold(graph, scores.cpu(), threshold, absolute=absolute)
+    else:
+        if n_edges is None:
+            n_edges = max(1, round(graph.n_edges * (percent if percent is not None else 1.0) / 100))
+        circuit = select(graph, scores.cpu(), n_edges, selection=selection, absolute=absolute)
+    if circuit.n_edges == 0:
+        raise KcircuitsError("the selected circuit is empty after pruning; select more edges (--edges/--percent) or lower --threshold")
+    run.write_json("circuit.json", circuit.to_json({"model": model_name, "relation": found_on.relation,
+                                                    "method": method, "metric": metric}))
+
+    # 4. evaluation (reused when present)
+    if run.has("metrics.json"):
+        metrics = run.read_json("metrics.json")
+    else:
+        metrics = evaluate_circuit(engine, circuit, scores.cpu(), {"discover": found_on} if tested_on is found_on else
+                                   {"discover": found_on, "test": tested_on}, lm, metric=metric, ablation=ablation,
+                                   answer_scoring=answer_scoring, batch_size=batch_size, curve=curve,
+                                   curve_percents=curve_percents, selection=selection, absolute=absolute,
+                                   n_random=n_random, seed=seed, progress=progress)
+        run.write_json("metrics.json", metrics)
+
+    # 5. report
+    write_report(run.file("report.html"), build_report(run.config, circuit, metrics, sets, graph))
+    return RunOutput(run.path, circuit, metrics, scores, sets)
+
+
+def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | None, sets: dict[str, PromptSplit],
+                     lm: LoadedModel, *, metric: str, ablation: str, answer_scoring: str, batch_size: int,
+                     curve: bool, curve_percents: Sequence[float], selection: str, absolute: bool, n_random: int,
+                     seed: int, progress: bool) -> dict:
+    """Evaluate a circuit on each prompt set; the curve and random baseline on the last (test) set."""
+    out: dict = {"sets": {}}
+    last = list(sets)[-1]
+    for role, ps in sets.items():
+        batches = _batches(lm, ps.pairs, batch_size, answer_scoring)
+        mean = mean_activations(engine, batches) if ablation == "mean" else None
+        ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
+        res = ev.evaluate(circuit)
+        res.update(relation=ps.relation, role=role, skipped=ps.skipped)
+        if role == last and n_random > 0:
+            draws = [ev.evaluate(random_circuit(engine.graph, circuit.n_edges, seed + i)) for i in range(n_random)]
+            res["random_baseline"] = {
+                "n_draws": n_random,
+                "faithfulness_of_means": [d["faithfulness_of_means"] for d in draws],
+                "circuit_hit10": [d["circuit_hit10"] for d in draws],
+                "n_edges": [d["n_edges"] for d in draws],
+            }
+        if role == last and curve and scores is not None:
+            out["curve"] = ev.curve(scores, curve_percents, selection=selection, absolute=absolute,
+                                    random_baseline=n_random > 0, seed=seed)
+            out["curve"]["set"] = role
+        out["sets"][role] = res
+    return out
+
+
+def evaluate(
+    circuit: str | Path | Circuit,
+    relations: Sequence[str],
+    model: str | LoadedModel = "smollm2-135m",
+    *,
+    out: str | Path | None = None,
+    metric: str = "logit_diff",
+    ablation: str = "corrupt",
+    answer_scoring: str = "first_token",
+    known_only: bool = False,
+    known_k: int = 1,
+    max_pairs: int | None = 64,
+    batch_size: int = 8,
+    n_random: int = 3,
+    device: str | None = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> RunOutput:
+    """Evaluate an existing circuit (a ``circuit.json`` or a run folder) on the prompts of several relations."""
+    _validate("eap", metric, ablation, answer_scoring, "topn")
+    if not relations:
+        raise KcircuitsError("give at least one relation to evaluate on")
+    if not isinstance(circuit, Circuit):
+        path = Path(circuit)
+        path = path / "circuit.json" if path.is_dir() else path
+        if not path.exists():
+            raise KcircuitsError(f"no circuit at {path}; pass a circuit.json or a discover run folder")
+        from kcircuits.io import read_json
+        import json
+
+        try:
+            circuit = Circuit.from_json(read_json(path))
+        except json.JSONDecodeError as exc:
+            raise KcircuitsError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    model_name = model.name if isinstance(model, LoadedModel) else model
+    reproduce = dict(command="evaluate", circuit_edges=sorted(f"{s}->{d}" for s, d, _ in circuit.edge_list()),
+                     relations=list(relations), model=model_name, metric=metric, ablation=ablation,
+                     answer_scoring=answer_scoring, known_only=known_only, known_k=known_k, max_pairs=max_pairs,
+                     dtype=dtype, seed=seed, n_random=n_random)
+    folder = Path(out) if out else default_run_dir("evaluate", [Path(model_name).name] + [Path(r).stem for r in relations][:3],
+                                                   reproduce)
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
+                             "device": str(device)})
+    lm = _model(model, device, dtype)
+    g = circuit.graph
+    if (g.n_layers, g.n_heads, g.n_kv_heads) != (lm.weights.n_layers, lm.weights.n_heads, lm.weights.n_kv_heads):
+        raise KcircuitsError(f"the circuit was found on a model with {g.n_layers} layers x {g.n_heads} heads, "
+                             f"not on {model_name!r}; evaluate it with the model it came from")
+    engine = Engine(lm.weights, g)
+    run.write_json("circuit.json", circuit.to_json({"model": model_name}))
+    per_relation, all_sets = {}, {}
+    for rel in relations:
+        name = Path(rel).stem
+        if run.has(f"metrics_{name}.json"):
+            per_relation[name] = run.read_json(f"metrics_{name}.json")
+            continue
+        sets = prepare_prompts(lm, engine, rel, split=None, known_only=known_only, known_k=known_k,
+                               max_pairs=max_pairs, seed=seed, batch_size=batch_size)
+        all_sets[name] = sets["all"]
+        res = evaluate_circuit(engine, circuit, None, {name: sets["all"]}, lm, metric=metric, ablation=ablation,
+                               answer_scoring=answer_scoring, batch_size=batch_size, curve=False, curve_percents=(),
+                               selection="topn", absolute=True, n_random=n_random, seed=seed, progress=progress)
+        per_relation[name] = res["sets"][name]
+        run.write_json(f"metrics_{name}.json", per_relation[name])
+    metrics = {"sets": per_relation}
+    run.write_json("metrics.json", metrics)
+    write_report(run.file("report.html"), build_report(run.config, circuit, metrics, all_sets, g))
+    return RunOutput(run.path, circuit, metrics, None, all_sets)

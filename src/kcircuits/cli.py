@@ -1,0 +1,161 @@
+"""The ``kcircuits`` command. Each subcommand is a thin wrapper over the Python API (:mod:`kcircuits.api`).
+
+Bad input prints one line ``kcircuits: error: ...`` on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kcircuits.errors import KcircuitsError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
+    p.add_argument("--out", help="run folder (default: runs/<command>_<...>_<config hash>)")
+    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob"])
+    p.add_argument("--ablation", default="corrupt", choices=["corrupt", "zero", "mean"],
+                   help="what edges outside the circuit carry (default: the corrupted run)")
+    p.add_argument("--answer-scoring", default="first_token", choices=["first_token", "full"],
+                   help="score the answer's first token (default) or its whole log-probability")
+    p.add_argument("--known-only", action="store_true", help="keep only samples the model answers within --known-k")
+    p.add_argument("--known-k", type=int, default=1)
+    p.add_argument("--max-pairs", type=int, default=64, help="cap on prompt pairs per relation (0: no cap)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--random-draws", type=int, default=3, help="random connected circuits of the same size to compare with")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kcircuits", description="Find and measure knowledge circuits in language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("discover", help="find the circuit of a relation and evaluate it")
+    d.add_argument("relation", help="a bundled relation name (see `kcircuits datasets`) or a .json/.csv file")
+    d.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig", "clean-corrupted"])
+    d.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (m)")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument("--edges", type=int, help="circuit size in edges")
+    size.add_argument("--percent", type=float, help="circuit size in percent of all edges (default 1)")
+    size.add_argument("--threshold", type=float, help="keep every edge scoring at least this")
+    d.add_argument("--selection", default="topn", choices=["topn", "greedy"])
+    d.add_argument("--signed", action="store_true", help="rank by signed score instead of |score|")
+    d.add_argument("--split", type=float, nargs="?", const=0.5, default=None,
+                   help="discover on this fraction of the subjects (default 0.5), evaluate on the rest")
+    d.add_argument("--templates", type=int, nargs="+", help="indices of the prompt templates to use (default all)")
+    d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
+    d.add_argument("--ungrouped", action="store_true", help="one k/v destination per query head (GQA models)")
+    _common(d)
+
+    e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
+    e.add_argument("circuit", help="a circuit.json or a discover run folder")
+    e.add_argument("relations", nargs="+", help="relations to evaluate on")
+    _common(e)
+
+    ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
+    ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
+
+    m = sub.add_parser("models", help="list the bundled model and the supported architectures")
+    m.add_argument("name", nargs="?", help="load this model and print its graph size")
+    m.add_argument("--ungrouped", action="store_true")
+    return parser
+
+
+def _discover(args) -> None:
+    from kcircuits.api import discover
+
+    res = discover(args.relation, args.model, out=args.out, method=args.method, steps=args.steps, metric=args.metric,
+                   ablation=args.ablation, selection=args.selection, n_edges=args.edges, percent=args.percent,
+                   threshold=args.threshold, absolute=not args.signed, split=args.split, known_only=args.known_only,
+                   known_k=args.known_k, answer_scoring=args.answer_scoring, max_pairs=args.max_pairs or None,
+                   templates=args.templates, batch_size=args.batch_size, curve=not args.no_curve,
+                   n_random=args.random_draws, grouped=not args.ungrouped, device=args.device, dtype=args.dtype,
+                   seed=args.seed, progress=not args.quiet)
+    _print_result(res)
+
+
+def _evaluate(args) -> None:
+    from kcircuits.api import evaluate
+
+    res = evaluate(args.circuit, args.relations, args.model, out=args.out, metric=args.metric, ablation=args.ablation,
+                   answer_scoring=args.answer_scoring, known_only=args.known_only, known_k=args.known_k,
+                   max_pairs=args.max_pairs or None, batch_size=args.batch_size, n_random=args.random_draws,
+                   device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet)
+    _print_result(res)
+
+
+def _print_result(res) -> None:
+    print(f"circuit: {res.circuit.n_edges} edges, {len(res.circuit.nodes())} nodes")
+    for role, m in res.metrics["sets"].items():
+        rnd = m.get("random_baseline")
+        rnd_txt = ""
+        if rnd:
+            vals = rnd["faithfulness_of_means"]
+            rnd_txt = f"  random circuit {sum(vals) / len(vals):.3f}"
+        print(f"{role:>10}: {m['n_prompts']} prompts  faithfulness {m['faithfulness_of_means']:.3f}"
+              f" (per prompt {m['faithfulness']['mean']:.3f} ± {m['faithfulness']['std']:.3f}){rnd_txt}"
+              f"  Hit@1 {m['full_hit1']:.2f}->{m['circuit_hit1']:.2f}  Hit@10 {m['full_hit10']:.2f}->{m['circuit_hit10']:.2f}")
+    if "curve" in res.metrics:
+        c = res.metrics["curve"]
+        print(f"     curve: CPR {c['cpr']:.3f}  CMD {c['cmd']:.3f}")
+    print(f"report: {res.report}")
+
+
+def _datasets(args) -> None:
+    from kcircuits.data import dataset_info, load_dataset
+
+    if args.name:
+        ds = load_dataset(args.name)
+        print(f"{ds.name} ({ds.category}): {len(ds.samples)} samples, {len(ds.prompt_templates)} templates, from {ds.source}")
+        for t in ds.prompt_templates:
+            print(f"  template: {t}")
+        for s in ds.samples[:10]:
+            print(f"  {s['subject']} -> {s['object']}")
+        return
+    print(f"{'name':<24}{'category':<13}{'samples':>8}{'templates':>10}")
+    for info in dataset_info():
+        print(f"{info['name']:<24}{info['category']:<13}{info['n_samples']:>8}{info['n_templates']:>10}")
+    print("\nAlso accepted: a .json file of the same shape or a .csv with subject,object[,template] columns.")
+
+
+def _models(args) -> None:
+    from kcircuits.models import BUNDLED, supported_model_types
+
+    if args.name:
+        from kcircuits.graph import Graph
+        from kcircuits.models import load_model
+
+        lm = load_model(args.name)
+        g = Graph.from_model(lm.weights, grouped=not args.ungrouped)
+        print(f"{args.name}: family {lm.weights.family}, {g.n_layers} layers, {g.n_heads} heads, "
+              f"{g.n_kv_heads} kv-heads, d_model {lm.weights.d_model}; graph: {g.n_src} sources, {g.n_dst} "
+              f"destinations, {g.n_edges} edges")
+        return
+    print("bundled (offline):")
+    for name, info in BUNDLED.items():
+        print(f"  {name:<16}{info['about']}")
+    print("supported HF model types: " + ", ".join(supported_model_types()))
+    print("also accepted: a local folder saved with save_pretrained(), or a hub id when the hub is reachable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"discover": _discover, "evaluate": _evaluate, "datasets": _datasets, "models": _models}
+    try:
+        handlers[args.command](args)
+    except KcircuitsError as exc:
+        print(f"kcircuits: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kcircuits: interrupted; finished steps are kept in the run folder, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

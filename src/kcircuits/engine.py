@@ -1,0 +1,244 @@
+"""The functional forward pass over adapter weights, with the graph's sources and destinations exposed.
+
+One function, :meth:`Engine.run`, serves every purpose:
+
+* ``record=True`` caches every source's output ``acts[n_src, batch, pos, d_model]`` (clean and
+  corrupted runs);
+* ``mask=...`` runs the *patched* forward of DESIGN.md item 4: destination v reads
+  ``x_v = x - Σ_u (1 - mask[u, v]) · (a_u - ablated_u)``, where x is this pass's own residual
+  stream and ``ablated_u`` the cached corrupted (or zero / mean) output of u. One pass evaluates a
+  whole circuit; masks may be fractional and may differ per prompt (``[batch, n_src, n_dst]``);
+* ``capture=True`` keeps the tensors from which :mod:`kcircuits.discover.eap` recovers the gradient
+  at every destination input with one backward pass (q/k/v projections, MLP norm outputs, the
+  final residual), without materialising a residual copy per head.
+
+Logits are computed only at the requested target positions (``[batch, T]``): the unembedding of
+every position is most of a small model's cost and no metric needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kcircuits.graph import Graph
+from kcircuits.models.weights import Block, ModelWeights
+
+
+@dataclass
+class LayerCapture:
+    """Tensors of one layer kept for the attribution backward pass (see :mod:`kcircuits.discover.eap`)."""
+
+    resid_pre: torch.Tensor  # [b, p, d] input of the layer (read by q/k/v through ln1), detached
+    q: torch.Tensor  # [b, p, H, e] q projection (before rotary), in the autograd graph
+    k: torch.Tensor  # [b, p, Hk, e] k projection, one per k destination
+    v: torch.Tensor  # [b, p, Hk, e]
+    resid_mlp: torch.Tensor  # [b, p, d] the MLP's residual input (read through ln2), detached
+    mlp_in: torch.Tensor  # [b, p, d] ln2 output, in the autograd graph
+
+
+@dataclass
+class RunResult:
+    logits: torch.Tensor  # [b, T, V]
+    acts: torch.Tensor | None = None  # [n_src, b, p, d]
+    layers: list[LayerCapture] = field(default_factory=list)
+    resid_final: torch.Tensor | None = None  # [b, p, d] input of the logits destination (in the graph)
+
+
+class Engine:
+    """Runs a model (its :class:`ModelWeights`) over a :class:`Graph`'s sources and destinations."""
+
+    def __init__(self, weights: ModelWeights, graph: Graph | None = None):
+        self.w = weights
+        self.graph = graph or Graph.from_model(weights)
+        g = self.graph
+        if (g.n_layers, g.n_heads, g.n_kv_heads) != (weights.n_layers, weights.n_heads, weights.n_kv_heads):
+            raise ValueError("graph and model shapes differ")
+        H, K = weights.n_heads, weights.n_kv_heads
+        self._kv_of_dst = torch.arange(g.n_kv_dst) if g.grouped_kv or K == H else torch.arange(H) // (H // K)
+
+    # ------------------------------------------------------------------ helpers
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Output of the ``input`` source: token (+ learned position) embeddings, ``[b, p, d]``."""
+        x = F.embedding(ids, self.w.W_E)
+        if self.w.W_pos is not None:
+            x = x + self.w.W_pos[: ids.shape[1]]
+        return x
+
+    def _heads(self, W: torch.Tensor, n: int) -> torch.Tensor:
+        """``[n*e, d]`` projection weight -> ``[n, e, d]`` per head."""
+        return W.unflatten(0, (n, -1))
+
+    def _kv_weights(self, attn, W: torch.Tensor, b: torch.Tensor | None):
+        """Per k/v *destination* weights ``[Hk, e, d]`` and biases ``[Hk, e]`` (repeated when ungrouped)."""
+        Wh = self._heads(W, attn.n_kv_heads)
+        bh = None if b is None else b.view(attn.n_kv_heads, -1)
+        if self.graph.n_kv_dst != attn.n_kv_heads:
+            Wh = Wh[self._kv_of_dst]
+            bh = None if bh is None else bh[self._kv_of_dst]
+        return Wh, bh
+
+    def _project_shared(self, blk: Block, x: torch.Tensor):
+        """q/k/v from one shared residual input ``x [b, p, d]``: ``[b,p,H,e]``, ``[b,p,Hk,e]`` x2."""
+        a = blk.attn
+        h = blk.ln1(x)
+        q = F.linear(h, a.W_Q, a.b_Q).unflatten(-1, (a.n_heads, -1))
+        k = F.linear(h, a.W_K, a.b_K).unflatten(-1, (a.n_kv_heads, -1))
+        v = F.linear(h, a.W_V, a.b_V).unflatten(-1, (a.n_kv_heads, -1))
+        if self.graph.n_kv_dst != a.n_kv_heads:  # ungrouped destinations: one k/v per query head
+            k, v = k[:, :, self._kv_of_dst], v[:, :, self._kv_of_dst]
+        return q, k, v
+
+    def _project_patched(self, blk: Block, x_dst: torch.Tensor):
+        """q/k/v when every destination has its own input ``x_dst [H + 2Hk, b, p, d]``."""
+        a, Hk = blk.attn, self.graph.n_kv_dst
+        h = blk.ln1(x_dst)
+        hq, hk, hv = h[: a.n_heads], h[a.n_heads : a.n_heads + Hk], h[a.n_heads + Hk :]
+
+        def proj(hx, Wh, bh):
+            out = torch.einsum("nbpd,ned->bpne", hx, Wh)
+            return out if bh is None else out + bh
+
+        q = proj(hq, self._heads(a.W_Q, a.n_heads), None if a.b_Q is None else a.b_Q.view(a.n_heads, -1))
+        k = proj(hk, *self._kv_weights(a, a.W_K, a.b_K))
+        v = proj(hv, *self._kv_weights(a, a.W_V, a.b_V))
+        return q, k, v
+
+    def _attend(self, blk: Block, q, k, v, cos, sin) -> torch.Tensor:
+        """Causal attention; returns the per-head mixed values ``z [b, p, H, e]``."""
+        a = blk.attn
+        if self.w.rotary is not None:
+            q, k = self.w.rotary.apply(q, cos, sin), self.w.rotary.apply(k, cos, sin)
+        if k.shape[2] != a.n_heads:  # grouped-query attention: share each kv head across its group
+            rep = a.n_heads // k.shape[2]
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=a.scale)
+        return z.transpose(1, 2)
+
+    @staticmethod
+    def _patch_term(delta: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        """Σ_u inv[u, v] · delta[u] for a block of destinations.
+
+        delta: ``[s, b, p, d]``; inv: ``[s, v]`` or per prompt ``[b, s, v]`` -> ``[v, b, p, d]``.
+        """
+        if inv.dim() == 2:
+            s, rest = delta.shape[0], delta.shape[1:]
+            return (inv.T @ delta.reshape(s, -1)).view(inv.shape[1], *rest)
+        return torch.einsum("sbpd,bsv->vbpd", delta, inv)
+
+    # ------------------------------------------------------------------ the forward pass
+    def run(
+        self,
+        embeds: torch.Tensor,
+        target_pos: torch.Tensor,
+        *,
+        record: bool = False,
+        mask: torch.Tensor | None = None,
+        ablated: torch.Tensor | None = None,
+        capture: bool = False,
+    ) -> RunResult:
+        """Forward pass from input embeddings.
+
+        Args:
+            embeds: ``[b, p, d]`` output of the input source (see :meth:`embed`); may be interpolated.
+            target_pos: ``[b, T]`` positions whose logits are returned.
+            record: return every source's output ``acts [n_src, b, p, d]``.
+            mask: ``[n_src, n_dst]`` or ``[b, n_src, n_dst]``; 1 keeps an edge, 0 patches it.
+            ablated: what patched edges carry, broadcastable to ``[n_src, b, p, d]`` (the corrupted
+                run's ``acts``, a dataset mean ``[n_src, 1, 1, d]``); None means zero ablation.
+            capture: keep what the attribution backward pass needs (see :class:`LayerCapture`).
+        """
+        g, w = self.graph, self.w
+        b, p, d = embeds.shape
+        H = w.n_heads
+        patching = mask is not None
+        acts = embeds.new_empty(g.n_src, b, p, d) if (record or patching) else None
+        inv = None
+        if patching:
+            inv = (1 - mask).to(embeds.dtype)
+        cos = sin = None
+        if w.rotary is not None:
+            cos, sin = w.rotary.cos_sin(torch.arange(p, device=embeds.device))
+        result = RunResult(logits=None, acts=acts if record else None)  # type: ignore[arg-type]
+        # Source outputs minus their ablated values, for the sources computed so far. Without autograd
+        # they go into one preallocated buffer (one matrix product per destination block); with
+        # autograd (learned masks, mask gradients) in-place writes are not allowed, so they are kept
+        # as per-layer chunks and the patch term is summed chunk by chunk.
+        differentiable = torch.is_grad_enabled() and (embeds.requires_grad or (mask is not None and mask.requires_grad))
+        use_buffer = patching and not differentiable and ablated is not None
+        delta_buf = torch.empty_like(acts) if use_buffer else None
+        chunks: list[tuple[int, torch.Tensor]] = []
+
+        def emit(start: int, out: torch.Tensor) -> None:
+            """Store source outputs ``out [n, b, p, d]`` (and their ablation deltas when patching)."""
+            if record:
+                acts[start : start + out.shape[0]] = out.detach() if differentiable else out
+            if not patching:
+                return
+            stop = start + out.shape[0]
+            delta = out if ablated is None else out - ablated[start:stop]
+            if use_buffer:
+                delta_buf[start:stop] = delta
+            elif ablated is None and not differentiable:
+                acts[start:stop] = out
+            else:
+                chunks.append((start, delta))
+
+        def patch(n_before: int, cols: slice) -> torch.Tensor:
+            """Σ_{u < n_before} inv[u, cols] · delta_u, ``[n_cols, b, p, d]``."""
+            if use_buffer:
+                return self._patch_term(delta_buf[:n_before], self._inv_cols(inv, n_before, cols))
+            if ablated is None and not differentiable:
+                return self._patch_term(acts[:n_before], self._inv_cols(inv, n_before, cols))
+            total = 0
+            for start, delta in chunks:
+                if start >= n_before:
+                    break
+                stop = min(start + delta.shape[0], n_before)
+                inv_rows = inv[start:stop, cols] if inv.dim() == 2 else inv[:, start:stop, cols]
+                total = total + self._patch_term(delta[: stop - start], inv_rows)
+            return total
+
+        emit(0, embeds[None])
+        x = embeds
+        for layer, blk in enumerate(w.blocks):
+            first = g.src_index_head(layer, 0)
+            if patching:
+                x_dst = x[None] - patch(first, g.dst_slice_attn(layer))
+                q, k, v = self._project_patched(blk, x_dst)
+            else:
+                q, k, v = self._project_shared(blk, x)
+            z = self._attend(blk, q, k, v, cos, sin)
+            if acts is not None:
+                head_out = torch.einsum("bphe,hed->hbpd", z, self._heads(blk.attn.W_O.T, H))
+                emit(first, head_out)
+                attn_out = head_out.sum(0)
+                if blk.attn.b_O is not None:
+                    attn_out = attn_out + blk.attn.b_O
+            else:
+                attn_out = F.linear(z.flatten(2), blk.attn.W_O, blk.attn.b_O)
+            resid_mlp = x if blk.parallel else x + attn_out
+            mlp_resid_in = resid_mlp
+            if patching:
+                mlp_dst = g.dst_index_mlp(layer)
+                mlp_resid_in = resid_mlp - patch(int(g.n_src_before[mlp_dst]), slice(mlp_dst, mlp_dst + 1))[0]
+            mlp_in = blk.ln2(mlp_resid_in)
+            mlp_out = blk.mlp(mlp_in)
+            emit(g.src_index_mlp(layer), mlp_out[None])
+            if capture:
+                result.layers.append(LayerCapture(x.detach(), q, k, v, mlp_resid_in.detach(), mlp_in))
+            x = x + attn_out + mlp_out
+        if patching:
+            x = x - patch(g.n_src, slice(g.n_dst - 1, g.n_dst))[0]
+        result.resid_final = x
+        picked = x.gather(1, target_pos[..., None].expand(-1, -1, d))  # [b, T, d]
+        result.logits = F.linear(w.ln_final(picked), w.W_U, w.b_U)
+        return result
+
+    @staticmethod
+    def _inv_cols(inv: torch.Tensor, n_rows: int, cols: slice) -> torch.Tensor:
+        """Rows ``:n_rows`` and destination columns ``cols`` of a 2-D or per-prompt 3-D mask."""
+        return inv[:n_rows, cols] if inv.dim() == 2 else inv[:, :n_rows, cols]

@@ -1,0 +1,156 @@
+"""Evaluate circuits: the metric, faithfulness, Hit@k and the faithfulness curve over circuit sizes.
+
+An :class:`Evaluator` caches, per batch, what every circuit evaluation reuses: the ablated source
+outputs (the corrupted run, zeros or the dataset mean), the full model's logits and the empty
+circuit's logits. Evaluating one circuit is then one patched forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from kcircuits.ablation import ablated_acts, check_ablation
+from kcircuits.batching import Batch
+from kcircuits.engine import Engine
+from kcircuits.errors import KcircuitsError
+from kcircuits.graph import Circuit, Graph, prune, select_greedy, select_threshold, select_topn
+from kcircuits.metrics import Metric, answer_rank, check_finite, curve_areas, faithfulness, get_metric, kl_div, summary
+
+#: Circuit sizes of the faithfulness curve, in percent of all edges (MIB's grid).
+CURVE_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+SELECTIONS = ("topn", "greedy")
+
+
+@dataclass
+class _Cached:
+    batch: Batch
+    ablated: torch.Tensor | None
+    full_logits: torch.Tensor  # [b, T, V]
+    empty_logits: torch.Tensor
+
+
+def select(graph: Graph, scores: torch.Tensor, n_edges: int, *, selection: str = "topn", absolute: bool = True,
+           do_prune: bool = True) -> Circuit:
+    """Select ``n_edges`` edges by ``selection`` ("topn" or "greedy"), then drop edges off any input->logits path."""
+    if selection == "topn":
+        circuit = select_topn(graph, scores, n_edges, absolute)
+    elif selection == "greedy":
+        circuit = select_greedy(graph, scores, n_edges, absolute)
+    else:
+        raise KcircuitsError(f"unknown selection {selection!r}: use one of {', '.join(SELECTIONS)} (or a threshold)")
+    return prune(circuit) if do_prune else circuit
+
+
+def select_by_threshold(graph: Graph, scores: torch.Tensor, threshold: float, *, absolute: bool = True,
+                        do_prune: bool = True) -> Circuit:
+    circuit = select_threshold(graph, scores, threshold, absolute)
+    return prune(circuit) if do_prune else circuit
+
+
+def random_circuit(graph: Graph, n_edges: int, seed: int) -> Circuit:
+    """A random connected circuit: greedy growth from the logits under random scores, then pruned."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists()
+    return prune(select_greedy(graph, scores, n_edges, absolute=False))
+
+
+class Evaluator:
+    def __init__(self, engine: Engine, batches: Sequence[Batch], *, metric: str | Metric = "logit_diff",
+                 ablation: str = "corrupt", mean: torch.Tensor | None = None, progress: bool = True):
+        if not batches:
+            raise KcircuitsError("nothing to evaluate: the prompt set is empty")
+        self.engine, self.graph = engine, engine.graph
+        self.metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+        self.metric = get_metric(metric) if isinstance(metric, str) else metric
+        self.ablation = check_ablation(ablation)
+        self.progress = progress
+        self.cache: list[_Cached] = []
+        zeros = torch.zeros(self.graph.n_src, self.graph.n_dst)
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="caching clean/ablated runs", disable=not progress):
+                abl = ablated_acts(engine, batch, ablation, mean)
+                full = engine.run(engine.embed(batch.clean), batch.target_pos).logits
+                if ablation == "corrupt":
+                    empty = engine.run(engine.embed(batch.corrupt), batch.target_pos).logits
+                else:
+                    empty = engine.run(engine.embed(batch.clean), batch.target_pos, mask=zeros, ablated=abl).logits
+                self.cache.append(_Cached(batch, abl, full, empty))
+        self.m_full = check_finite(self._metric_over("full_logits"), "the full model's metric")
+        self.m_empty = check_finite(self._metric_over("empty_logits"), "the empty circuit's metric")
+        self.rank_full = torch.cat([answer_rank(c.full_logits, c.batch) for c in self.cache])
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.m_full.numel())
+
+    def _metric_over(self, attr: str) -> torch.Tensor:
+        return torch.cat([self.metric(getattr(c, attr), c.batch) for c in self.cache]).cpu()
+
+    @torch.no_grad()
+    def circuit_logits(self, circuit: Circuit | torch.Tensor) -> list[torch.Tensor]:
+        """Logits of the circuit alone (edges outside it patched), one ``[b, T, V]`` per batch."""
+        mask = circuit.mask() if isinstance(circuit, Circuit) else circuit
+        out = []
+        for c in self.cache:
+            eng = self.engine
+            out.append(eng.run(eng.embed(c.batch.clean), c.batch.target_pos, mask=mask.to(c.batch.clean.device),
+                               ablated=c.ablated).logits)
+        return out
+
+    def evaluate(self, circuit: Circuit, ks: tuple[int, ...] = (1, 10)) -> dict:
+        """Metric, faithfulness, Hit@k and KL of one circuit, per prompt and summarised."""
+        logits = self.circuit_logits(circuit)
+        m_circ = check_finite(torch.cat([self.metric(lg, c.batch) for lg, c in zip(logits, self.cache)]).cpu(),
+                              "the circuit's metric")
+        rank_circ = torch.cat([answer_rank(lg, c.batch) for lg, c in zip(logits, self.cache)]).cpu()
+        kl = torch.cat([kl_div(c.full_logits, lg) for lg, c in zip(logits, self.cache)]).cpu()
+        faith = faithfulness(m_circ, self.m_full, self.m_empty)
+        denom_full = float(self.m_full.mean() - self.m_empty.mean())
+        result = {
+            "n_prompts": self.n_prompts,
+            "n_edges": circuit.n_edges,
+            "n_nodes": len(circuit.nodes()),
+            "metric": self.metric_name,
+            "metric_full": summary(self.m_full),
+            "metric_empty": summary(self.m_empty),
+            "metric_circuit": summary(m_circ),
+            "faithfulness": summary(faith),
+            # ratio of means: stable even when single prompts have a tiny full-vs-empty gap
+            "faithfulness_of_means": float(m_circ.mean() - self.m_empty.mean()) / denom_full if denom_full else math.nan,
+            "kl_full_to_circuit": summary(kl),
+            "per_prompt": {"metric_circuit": m_circ.tolist(), "faithfulness": faith.tolist(),
+                           "rank_full": self.rank_full.tolist(), "rank_circuit": rank_circ.tolist()},
+        }
+        for k in ks:
+            result[f"full_hit{k}"] = float((self.rank_full <= k).float().mean())
+            result[f"circuit_hit{k}"] = float((rank_circ <= k).float().mean())
+        return result
+
+    def curve(self, scores: torch.Tensor, percents: Sequence[float] = CURVE_PERCENTS, *, selection: str = "topn",
+              absolute: bool = True, random_baseline: bool = False, seed: int = 0) -> dict:
+        """Faithfulness against circuit size (percent of all edges), with CPR and CMD."""
+        g = self.graph
+        points = []
+        for pct in tqdm(percents, desc="faithfulness curve", disable=not self.progress):
+            n = max(1, round(g.n_edges * pct / 100))
+            circuit = select(g, scores, n, selection=selection, absolute=absolute)
+            res = self.evaluate(circuit)
+            point = {"percent": pct, "n_selected": n, "n_edges": res["n_edges"],
+                     "faithfulness_mean": res["faithfulness"]["mean"], "faithfulness_std": res["faithfulness"]["std"],
+                     "faithfulness_of_means": res["faithfulness_of_means"], "circuit_hit10": res["circuit_hit10"]}
+            if random_baseline:
+                rnd = self.evaluate(random_circuit(g, n, seed + len(points)))
+                point["random_faithfulness_of_means"] = rnd["faithfulness_of_means"]
+                point["random_n_edges"] = rnd["n_edges"]
+            points.append(point)
+        x = [p["percent"] / 100 for p in points]
+        out = {"points": points, **curve_areas(x, [p["faithfulness_of_means"] for p in points])}
+        if random_baseline:
+            rnd = curve_areas(x, [p["random_faithfulness_of_means"] for p in points])
+            out["random_cpr"], out["random_cmd"] = rnd["cpr"], rnd["cmd"]
+        return out

