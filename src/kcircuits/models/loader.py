@@ -146,7 +146,9 @@ def load_model(
         local_files_only: never touch the network (default: only if ``HF_HUB_OFFLINE`` is set).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load is noise; loads take seconds
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     key = name_or_path.lower()
     if key in BUNDLED:

@@ -1,0 +1,167 @@
+"""End to end on a tiny model (real tokenizer, bundled relations): run folders, resume, errors, CLI."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from kcircuits import api
+from kcircuits.cli import main
+from kcircuits.errors import KcircuitsError
+from kcircuits.evaluate import Evaluator
+from kcircuits.models import load_model
+
+SMALL = dict(percent=30, max_pairs=8, batch_size=4, curve_percents=(1, 10, 100), n_random=1, progress=False, steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_smol_dir):
+    return load_model(tiny_smol_dir)
+
+
+def test_discover_writes_complete_run_folder(tiny, tmp_path):
+    res = api.discover("country_capital", tiny, out=tmp_path / "run", split=0.5, **SMALL)
+    for name in ("config.json", "prompts.json", "scores.safetensors", "circuit.json", "metrics.json", "report.html"):
+        assert (res.folder / name).exists(), name
+    m = json.loads((res.folder / "metrics.json").read_text())
+    assert set(m["sets"]) == {"discover", "test"}
+    prompts = json.loads((res.folder / "prompts.json").read_text())
+    disc = {p["clean"] for p in prompts["discover"]["pairs"]}
+    test = {p["clean"] for p in prompts["test"]["pairs"]}
+    assert disc and test and not disc & test  # found on one half, tested on the other
+    points = m["curve"]["points"]
+    assert [p["percent"] for p in points] == [1, 10, 100]
+    assert abs(points[-1]["faithfulness_of_means"] - 1) < 1e-4  # the whole graph is the full model
+    xs = [0.0] + [p["percent"] / 100 for p in points]
+    fs = [0.0] + [p["faithfulness_of_means"] for p in points]
+    cpr = sum((x1 - x0) * (f0 + f1) / 2 for x0, x1, f0, f1 in zip(xs, xs[1:], fs, fs[1:]))
+    assert abs(m["curve"]["cpr"] - cpr) < 1e-9 and m["curve"]["cmd"] >= 0
+    t = m["sets"]["test"]
+    assert t["random_baseline"]["n_draws"] == 1
+    assert {"full_hit1", "full_hit10", "circuit_hit1", "circuit_hit10"} <= set(t)
+    cfg = json.loads((res.folder / "config.json").read_text())
+    assert cfg["reproduce"]["ablation"] == "corrupt"
+    html = (res.folder / "report.html").read_text()
+    assert "<svg" in html and "country_capital" in html and "http://www.w3.org/2000/svg" in html
+
+
+def test_rerun_reuses_finished_steps_and_resumes_after_crash(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_evaluate = Evaluator.evaluate
+
+    def crash(self, circuit, ks=(1, 10)):
+        calls.append(1)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Evaluator, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        api.discover("country_capital", tiny, out=out, **SMALL)
+    assert (out / "scores.safetensors").exists() and (out / "prompts.json").exists()
+    assert not (out / "metrics.json").exists() and not list(out.glob("*.tmp"))
+    scores_mtime = os.stat(out / "scores.safetensors").st_mtime_ns
+    monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
+    attributed = []
+    monkeypatch.setattr(api, "attribute", lambda *a, **k: attributed.append(1))
+    res = api.discover("country_capital", tiny, out=out, **SMALL)
+    assert not attributed  # the scores were reused, not recomputed
+    assert os.stat(out / "scores.safetensors").st_mtime_ns == scores_mtime
+    assert (out / "metrics.json").exists() and res.circuit.n_edges > 0
+
+
+def test_other_config_in_same_folder_is_refused(tiny, tmp_path):
+    api.discover("country_capital", tiny, out=tmp_path / "r", curve=False, **{**SMALL, "n_random": 0})
+    with pytest.raises(KcircuitsError, match="different configuration"):
+        api.discover("country_capital", tiny, out=tmp_path / "r", metric="logprob", curve=False, **{**SMALL, "n_random": 0})
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_other_ablations_are_recorded(tiny, tmp_path, ablation):
+    res = api.discover("antonym", tiny, out=tmp_path / ablation, ablation=ablation, method="eap", curve=False,
+                       **{**SMALL, "n_random": 0})
+    assert json.loads((res.folder / "config.json").read_text())["reproduce"]["ablation"] == ablation
+    assert math.isfinite(res.metrics["sets"]["discover"]["faithfulness_of_means"])
+
+
+def test_full_answer_scoring_and_threshold(tiny, tmp_path):
+    res = api.discover("country_capital", tiny, out=tmp_path / "f", metric="logprob", answer_scoring="full",
+                       threshold=1e-9, curve=False, **{**SMALL, "n_random": 0, "percent": None})
+    assert res.circuit.n_edges > 0
+    with pytest.raises(KcircuitsError, match="logprob or prob"):
+        api.discover("country_capital", tiny, out=tmp_path / "g", answer_scoring="full", **SMALL)
+
+
+def test_evaluate_circuit_on_several_relations(tiny, tmp_path):
+    found = api.discover("country_capital", tiny, out=tmp_path / "d", curve=False, **{**SMALL, "n_random": 0})
+    res = api.evaluate(found.folder, ["country_capital", "city_in_country"], tiny, out=tmp_path / "e", max_pairs=6,
+                       batch_size=4, n_random=1, progress=False)
+    assert set(res.metrics["sets"]) == {"country_capital", "city_in_country"}
+    assert (res.folder / "report.html").exists() and (res.folder / "metrics_city_in_country.json").exists()
+    # the same circuit on the same prompts gives the same faithfulness as at discovery
+    again = api.evaluate(found.folder, ["country_capital"], tiny, out=tmp_path / "e2", max_pairs=8, batch_size=4,
+                         n_random=0, progress=False)
+    assert abs(again.metrics["sets"]["country_capital"]["faithfulness_of_means"]
+               - found.metrics["sets"]["discover"]["faithfulness_of_means"]) < 1e-5
+
+
+def test_nan_metric_is_a_clear_error(tiny_smol_dir, tmp_path):
+    model = load_model(tiny_smol_dir)
+    with torch.no_grad():
+        model.weights.blocks[0].mlp.W_out.fill_(float("nan"))
+    with pytest.raises(KcircuitsError, match="NaN"):
+        api.discover("country_capital", model, out=tmp_path / "n", **SMALL)
+
+
+# ------------------------------------------------------------------ CLI
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_discover_and_evaluate(tiny_smol_dir, tmp_path, capsys):
+    code, out, err = run_cli(["discover", "country_capital", "--model", tiny_smol_dir, "--out", str(tmp_path / "c"),
+                              "--max-pairs", "6", "--no-curve", "--random-draws", "1", "--quiet", "--method", "eap",
+                              "--edges", "50"], capsys)
+    assert code == 0, err
+    assert "report:" in out and (tmp_path / "c" / "report.html").exists()
+    code, out, err = run_cli(["evaluate", str(tmp_path / "c"), "antonym", "--model", tiny_smol_dir, "--out",
+                              str(tmp_path / "e"), "--max-pairs", "4", "--random-draws", "0", "--quiet"], capsys)
+    assert code == 0, err and "antonym" in out
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["discover", "no_such_relation"], "unknown"),
+    (["discover", "country_capital", "--model", "/nonexistent/model"], "not a model folder"),
+    (["discover", "country_capital", "--model", "surely-not/a-real-model-kc"], "smollm2-135m"),
+    (["evaluate", "/nonexistent/circuit.json", "antonym"], "no circuit"),
+    (["datasets", "no_such_relation"], "unknown"),
+])
+def test_cli_bad_input_exit_code_2(args, pattern, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kcircuits: error:") and pattern in lines[0]
+
+
+def test_cli_malformed_dataset_and_empty_after_filter(tiny_smol_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x", "prompt_templates": ["{} is"], "samples": [')
+    code, _, err = run_cli(["discover", str(bad), "--model", tiny_smol_dir, "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "JSON" in err
+    # a random tiny model knows no capital: --known-only leaves nothing
+    code, _, err = run_cli(["discover", "country_capital", "--model", tiny_smol_dir, "--known-only", "--out",
+                            str(tmp_path / "k"), "--quiet"], capsys)
+    assert code == 2 and "no usable prompt pairs" in err and "not_known_top1" in err
+
+
+def test_cli_datasets_and_models(capsys):
+    code, out, _ = run_cli(["datasets"], capsys)
+    assert code == 0 and "country_capital" in out and "antonym" in out
+    code, out, _ = run_cli(["datasets", "fruit_color"], capsys)
+    assert code == 0 and "template:" in out
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and "smollm2-135m" in out and "gpt_neox" in out
