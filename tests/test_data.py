@@ -253,6 +253,15 @@ def test_dataset_info() -> None:
     assert cc["category"] == "factual" and cc["n_samples"] >= 40 and cc["n_templates"] >= 3
 
 
+def test_docs_table_lists_every_bundled_relation() -> None:
+    doc = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
+    if not doc.exists():
+        pytest.skip("docs/datasets.md not present")
+    text = doc.read_text(encoding="utf-8")
+    for row in dataset_info():
+        assert f"| `{row['name']}` | {row['category']} | {row['n_samples']} | {row['n_templates']} |" in text
+
+
 def test_templates_override_and_split() -> None:
     ds = load_dataset("country_capital", templates=["Capital of {}:"])
     assert ds.prompt_templates == ["Capital of {}:"]

@@ -322,7 +322,7 @@ def _load_csv(path: Path, templates: list[str] | None) -> RelationDataset:
 def _looks_like_path(name: str) -> bool:
     """A bundled name is a bare identifier; anything with a suffix, a separator or on disk is a path."""
     return (
-        name.lower().endswith((".json", ".csv"))
+        Path(name).suffix != ""
         or "/" in name
         or os.sep in name
         or (os.altsep is not None and os.altsep in name)
