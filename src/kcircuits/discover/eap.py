@@ -44,21 +44,60 @@ def _alphas(method: str, steps: int) -> list[float]:
     raise KcircuitsError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def destination_grads(engine: Engine, run: RunResult, objective: torch.Tensor, out: torch.Tensor) -> None:
+class _DestinationWeights:
+    """Per layer, the q/k/v rows of every attention destination stacked and pre-multiplied by the
+    ln1 weight, ``W[n_attn_dst, e, d]``, and their sums over d, ``[n_attn_dst, e]`` (built once per
+    :func:`attribute` call)."""
+
+    def __init__(self, engine: Engine):
+        self.weights, self.row_sums = [], []
+        for blk in engine.w.blocks:
+            a = blk.attn
+            W_Q = engine._heads(a.W_Q, a.n_heads)
+            W_K, _ = engine._kv_weights(a, a.W_K, None)
+            W_V, _ = engine._kv_weights(a, a.W_V, None)
+            W = (torch.cat([W_Q, W_K, W_V]) * blk.ln1.weight).detach().float().contiguous()
+            self.weights.append(W)
+            self.row_sums.append(W.sum(-1))
+
+
+def _add_attention_grads(out: torch.Tensor, g_proj: torch.Tensor, W: torch.Tensor, row_sums: torch.Tensor,
+                         resid: torch.Tensor, norm) -> None:
+    """out[n] += ∂m/∂x_n for every attention destination n of a layer, without a residual copy per head.
+
+    With ĝ_n = W_nᵀ g_n (the cotangent at the norm output, weight folded into W) the norm's VJP is
+    dx_n = s · (ĝ_n − mean(ĝ_n) − x̂ · mean(ĝ_n x̂)) (no mean(ĝ_n) term for RMSNorm), s = 1/σ or 1/r.
+    Both means are computed in head space (``e`` dims, from W_n 1 and W_n x̂), so the ``[n, b, p, d]``
+    tensor is touched only twice: one batched matrix product accumulated in place, one correction.
+
+    out: ``[n, b, p, d]`` (contiguous block of the destination buffer); g_proj: ``[b, p, n, e]``;
+    W: ``[n, e, d]``; row_sums: ``[n, e]``; resid: ``[b, p, d]`` the layer input.
+    """
+    n, b, p, d = out.shape
+    x_hat, scale = norm.stats(resid)  # [b, p, d], [b, p, 1]
+    g = (g_proj.float() * scale[..., None]).permute(2, 0, 1, 3)  # [n, b, p, e], scaled by s
+    W_x = (W @ x_hat.reshape(b * p, d).T).transpose(1, 2)  # W_n x̂, [n, b*p, e]
+    c = (g.reshape(n, b * p, -1) * W_x).sum(-1).view(n, b, p) / d  # s · mean(ĝ x̂)
+    out.view(n, b * p, d).baddbmm_(g.reshape(n, b * p, -1), W)
+    out.addcmul_(c[..., None], x_hat[None], value=-1)
+    if norm.kind == "layer":
+        out.sub_((torch.einsum("nbpe,ne->nbp", g, row_sums) / d)[..., None])
+
+
+def destination_grads(engine: Engine, run: RunResult, objective: torch.Tensor, out: torch.Tensor,
+                      dest_weights: _DestinationWeights | None = None) -> None:
     """Add ∂objective/∂x_v for every destination v into ``out [n_dst, b, p, d]``."""
     g, w = engine.graph, engine.w
+    dest_weights = dest_weights or _DestinationWeights(engine)
     tensors = [t for cap in run.layers for t in (cap.q, cap.k, cap.v, cap.mlp_in)] + [run.resid_final]
     grads = torch.autograd.grad(objective, tensors)
-    for layer, (cap, blk) in enumerate(zip(run.layers, w.blocks)):
-        gq, gk, gv, gmlp = grads[4 * layer : 4 * layer + 4]
-        a = blk.attn
-        W_Q = engine._heads(a.W_Q, a.n_heads)
-        W_K, _ = engine._kv_weights(a, a.W_K, None)
-        W_V, _ = engine._kv_weights(a, a.W_V, None)
-        g_norm = torch.cat([torch.einsum("bphe,hed->bphd", gr, W) for gr, W in ((gq, W_Q), (gk, W_K), (gv, W_V))], dim=2)
-        out[g.dst_slice_attn(layer)] += blk.ln1.backward(cap.resid_pre, g_norm).permute(2, 0, 1, 3)
-        out[g.dst_index_mlp(layer)] += blk.ln2.backward(cap.resid_mlp, gmlp)
-    out[g.dst_index_logits] += grads[-1]
+    with torch.no_grad():
+        for layer, (cap, blk) in enumerate(zip(run.layers, w.blocks)):
+            gq, gk, gv, gmlp = grads[4 * layer : 4 * layer + 4]
+            _add_attention_grads(out[g.dst_slice_attn(layer)], torch.cat([gq, gk, gv], dim=2),
+                                 dest_weights.weights[layer], dest_weights.row_sums[layer], cap.resid_pre, blk.ln1)
+            out[g.dst_index_mlp(layer)] += blk.ln2.backward(cap.resid_mlp, gmlp)
+        out[g.dst_index_logits] += grads[-1]
 
 
 def contract(engine: Engine, diff: torch.Tensor, grads: torch.Tensor, scores: torch.Tensor, weight: float) -> None:
@@ -100,6 +139,7 @@ def attribute(
         raise KcircuitsError("no prompts to attribute over")
     g = engine.graph
     scores = torch.zeros(g.n_src, g.n_dst, dtype=torch.float32, device=batches[0].clean.device)
+    dest_weights = None
     bar = tqdm(total=len(batches) * len(alphas), desc=f"{method} attribution", disable=not progress, unit="pass")
     for batch in batches:
         ablated = ablated_acts(engine, batch, ablation, mean)
@@ -109,11 +149,12 @@ def attribute(
             diff = clean_acts if ablated is None else clean_acts - ablated
             start = ablated_input(engine, batch, ablated)
         grads = torch.zeros(g.n_dst, *clean_in.shape, dtype=clean_in.dtype, device=clean_in.device)
+        dest_weights = dest_weights or _DestinationWeights(engine)
         for alpha in alphas:
             embeds = (start + alpha * (clean_in - start)).detach().requires_grad_(True)
             run = engine.run(embeds, batch.target_pos, capture=True)
             values = check_finite(metric_fn(run.logits, batch), "the attribution metric")
-            destination_grads(engine, run, values.sum() / n_total, grads)
+            destination_grads(engine, run, values.sum() / n_total, grads, dest_weights)
             del run
             bar.update(1)
         contract(engine, diff, grads, scores, 1.0 / len(alphas))

@@ -35,31 +35,29 @@ class Norm:
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
-    def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """Vector-Jacobian product of the norm at input ``x``: d(metric)/dx from d(metric)/d(norm(x)).
-
-        ``x`` is ``[..., d]``; ``grad_out`` is ``[..., n, d]`` or ``[..., d]`` (several cotangents can
-        share one input, which is how per-head q/k/v input gradients are obtained without
-        materialising a residual copy per head). Exact, in closed form:
-        LayerNorm: dx = (g - mean(g) - x̂·mean(g·x̂)) / σ;  RMSNorm: dx = (g - x̂·mean(g·x̂)) / r,
-        with g = grad_out ⊙ weight.
-        """
-        many = grad_out.dim() == x.dim() + 1
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x̂`` (centred for LayerNorm, then scaled) ``[..., d]`` and ``1/σ`` or ``1/r`` ``[..., 1]``, in float32."""
         x32 = x.float()
         if self.kind == "layer":
-            centred = x32 - x32.mean(-1, keepdim=True)
-            scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:
-            centred = x32
-            scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        x_hat = centred * scale
-        if many:
-            x_hat, scale = x_hat.unsqueeze(-2), scale.unsqueeze(-2)
-        g = grad_out.float() * self.weight.float()
-        proj = (g * x_hat).mean(-1, keepdim=True)
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32 * scale, scale
+
+    def backward(self, x: torch.Tensor, grad_out: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+        """Vector-Jacobian product of the norm at input ``x``: d(metric)/dx from d(metric)/d(norm(x)).
+
+        ``x`` is ``[..., d]``; ``grad_out`` is ``[..., d]`` or ``[n, ..., d]``: several cotangents may
+        share one input (leading dim n), which is how per-head q/k/v input gradients are obtained
+        without materialising a residual copy per head. ``weighted=True`` means ``grad_out`` is
+        already multiplied by the norm weight. Exact, in closed form, with g = grad_out ⊙ weight:
+        LayerNorm: dx = (g - mean(g) - x̂·mean(g·x̂)) / σ;  RMSNorm: dx = (g - x̂·mean(g·x̂)) / r.
+        """
+        x_hat, scale = self.stats(x)
+        g = grad_out.float() if weighted else grad_out.float() * self.weight.float()
+        proj = (g * x_hat).mean(-1, keepdim=True)  # mean(g·x̂), [n, ..., 1] or [..., 1]
         if self.kind == "layer":
             g = g - g.mean(-1, keepdim=True)
-        return ((g - x_hat * proj) * scale).to(grad_out.dtype)
+        return (torch.addcmul(g, x_hat, proj, value=-1) * scale).to(grad_out.dtype)
 
 
 @dataclass
