@@ -124,9 +124,12 @@ def run_cli(args, capsys):
 def test_cli_discover_and_evaluate(tiny_smol_dir, tmp_path, capsys):
     code, out, err = run_cli(["discover", "country_capital", "--model", tiny_smol_dir, "--out", str(tmp_path / "c"),
                               "--max-pairs", "6", "--no-curve", "--random-draws", "1", "--quiet", "--method", "eap",
-                              "--edges", "50"], capsys)
+                              "--edges", "50", "--export-mib"], capsys)
     assert code == 0, err
     assert "report:" in out and (tmp_path / "c" / "report.html").exists()
+    mib = json.loads((tmp_path / "c" / "circuit_mib.json").read_text())
+    circuit = json.loads((tmp_path / "c" / "circuit.json").read_text())
+    assert sum(e["in_graph"] for e in mib["edges"].values()) == circuit["n_edges"] > 0
     code, out, err = run_cli(["evaluate", str(tmp_path / "c"), "antonym", "--model", tiny_smol_dir, "--out",
                               str(tmp_path / "e"), "--max-pairs", "4", "--random-draws", "0", "--quiet"], capsys)
     assert code == 0, err and "antonym" in out

@@ -149,6 +149,7 @@ def discover(
     curve_percents: Sequence[float] = CURVE_PERCENTS,
     n_random: int = 3,
     grouped: bool = True,
+    export_mib: bool = False,
     device: str | None = "cpu",
     dtype: str = "float32",
     seed: int = 0,
@@ -205,6 +206,8 @@ def discover(
         raise KcircuitsError("the selected circuit is empty after pruning; select more edges (--edges/--percent) or lower --threshold")
     run.write_json("circuit.json", circuit.to_json({"model": model_name, "relation": found_on.relation,
                                                     "method": method, "metric": metric}))
+    if export_mib:  # every edge with its score, in the EAP-IG / MIB graph format
+        run.write_json("circuit_mib.json", circuit.to_mib_json())
 
     # 4. evaluation (reused when present)
     if run.has("metrics.json"):

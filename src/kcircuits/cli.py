@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--templates", type=int, nargs="+", help="indices of the prompt templates to use (default all)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
     d.add_argument("--ungrouped", action="store_true", help="one k/v destination per query head (GQA models)")
+    d.add_argument("--export-mib", action="store_true", help="also write circuit_mib.json (EAP-IG/MIB graph format)")
     _common(d)
 
     e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
@@ -73,7 +74,7 @@ def _discover(args) -> None:
                    threshold=args.threshold, absolute=not args.signed, split=args.split, known_only=args.known_only,
                    known_k=args.known_k, answer_scoring=args.answer_scoring, max_pairs=args.max_pairs or None,
                    templates=args.templates, batch_size=args.batch_size, curve=not args.no_curve,
-                   n_random=args.random_draws, grouped=not args.ungrouped, device=args.device, dtype=args.dtype,
+                   n_random=args.random_draws, grouped=not args.ungrouped, export_mib=args.export_mib, device=args.device, dtype=args.dtype,
                    seed=args.seed, progress=not args.quiet)
     _print_result(res)
 
