@@ -90,7 +90,9 @@ def test_random_mask_matches_edge_by_edge_reference(family, grouped):
     g = eng.graph
     gen = torch.Generator().manual_seed(3)
     for mask in (torch.rand(g.n_src, g.n_dst, generator=gen).round(),  # binary
-                 torch.rand(g.n_src, g.n_dst, generator=gen)):  # fractional, as learned masks are
+                 torch.rand(g.n_src, g.n_dst, generator=gen),  # fractional, as learned masks are
+                 (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.05).float(),  # sparse: the "kept rows" path
+                 (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.95).float()):  # dense: the "patched rows" path
         with torch.no_grad():
             fast = eng.run(eng.embed(batch.clean), batch.target_pos, mask=mask, ablated=corrupt.acts).logits
             slow = reference_patched_logits(eng, batch, mask, corrupt.acts)

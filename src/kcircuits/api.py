@@ -88,6 +88,9 @@ def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, split:
         ps = build_prompts(part, model.tokenizer, templates=templates, max_pairs=max_pairs, seed=seed)
         skipped = dict(ps.skipped)
         pairs = list(ps.pairs)
+        capped = ps.n_candidates - len(pairs) - sum(skipped.values())
+        if capped:  # a choice, not a failure, but still counted so nothing disappears silently
+            skipped["over_max_pairs"] = capped
         if known_only and pairs:
             pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size)
             skipped[f"not_known_top{known_k}"] = dropped

@@ -159,16 +159,16 @@ class Engine:
             if patcher is not None:
                 patcher.emit(start, out)
 
-        def patch(n_before: int, cols: slice) -> torch.Tensor:
-            return patcher.term(n_before, cols)
-
         emit(0, embeds[None])
         x = embeds
         for layer, blk in enumerate(w.blocks):
             first = g.src_index_head(layer, 0)
             if patching:
-                x_dst = x[None] - patch(first, g.dst_slice_attn(layer))
-                q, k, v = self._project_patched(blk, x_dst)
+                x_dst = patcher.inputs(x, first, g.dst_slice_attn(layer))
+                if x_dst.dim() == 3:  # every destination reads the same (fully patched) input
+                    q, k, v = self._project_shared(blk, x_dst)
+                else:
+                    q, k, v = self._project_patched(blk, x_dst)
             else:
                 q, k, v = self._project_shared(blk, x)
             z = self._attend(blk, q, k, v, cos, sin)
@@ -184,7 +184,7 @@ class Engine:
             mlp_resid_in = resid_mlp
             if patching:
                 mlp_dst = g.dst_index_mlp(layer)
-                mlp_resid_in = resid_mlp - patch(int(g.n_src_before[mlp_dst]), slice(mlp_dst, mlp_dst + 1))[0]
+                mlp_resid_in = patcher.inputs(resid_mlp, int(g.n_src_before[mlp_dst]), slice(mlp_dst, mlp_dst + 1), True)
             mlp_in = blk.ln2(mlp_resid_in)
             mlp_out = blk.mlp(mlp_in)
             emit(g.src_index_mlp(layer), mlp_out[None])
@@ -192,7 +192,7 @@ class Engine:
                 result.layers.append(LayerCapture(x.detach(), q, k, v, mlp_resid_in.detach(), mlp_in))
             x = x + attn_out + mlp_out
         if patching:
-            x = x - patch(g.n_src, slice(g.n_dst - 1, g.n_dst))[0]
+            x = patcher.inputs(x, g.n_src, slice(g.n_dst - 1, g.n_dst), True)
         result.resid_final = x
         picked = x.gather(1, target_pos[..., None].expand(-1, -1, d))  # [b, T, d]
         result.logits = F.linear(w.ln_final(picked), w.W_U, w.b_U)
@@ -247,13 +247,33 @@ class _Patcher:
 
     def emit(self, start: int, out: torch.Tensor) -> None:
         stop = start + out.shape[0]
-        delta = out if self.ablated is None else out - self.ablated[start:stop]
         if self.differentiable:
-            self.chunks.append((start, delta))
+            self.chunks.append((start, out if self.ablated is None else out - self.ablated[start:stop]))
             return
-        self.buf[start:stop] = delta
+        delta = self.buf[start:stop]
+        if self.ablated is None:
+            delta.copy_(out)
+        else:
+            torch.sub(out, self.ablated[start:stop], out=delta)
         self._running = self._running + delta.sum(0)
         self.prefix[stop] = self._running
+
+    def inputs(self, x: torch.Tensor, n_before: int, cols: slice, single: bool = False) -> torch.Tensor:
+        """The inputs ``x - term`` of a block of destinations, ``[n_cols, b, p, d]`` (``[b, p, d]`` with
+        ``single``). When no destination of the block keeps any edge, they all read the same fully
+        patched input and one ``[b, p, d]`` tensor is returned instead (the caller projects it once)."""
+        if not self.differentiable and n_before in self.prefix:
+            keep = _cols(self.mask, n_before, cols)
+            rows_keep = _nonzero_rows(keep)
+            if len(rows_keep) < len(_nonzero_rows(_cols(self.inv, n_before, cols))):
+                base = x - self.prefix[n_before]
+                if len(rows_keep) == 0:
+                    return base
+                kept = _weighted_sum(self.buf[rows_keep], keep[rows_keep] if keep.dim() == 2 else keep[:, rows_keep])
+                out = base[None] + kept
+                return out[0] if single else out
+        out = x[None] - self.term(n_before, cols)
+        return out[0] if single else out
 
     def term(self, n_before: int, cols: slice) -> torch.Tensor:
         inv = _cols(self.inv, n_before, cols)
