@@ -1,5 +1,7 @@
 """Every adapter's engine forward equals the Hugging Face forward (fp32, max abs diff <= 1e-4)."""
 
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,24 @@ def test_shared_weights_are_views():
             first.mul_(2)
         ref = w.blocks[0].attn.W_Q
         assert ref.data_ptr() >= first.data_ptr() and ref.data_ptr() < first.data_ptr() + first.numel() * 4
+
+
+def test_bfloat16_runs_close_to_float32():
+    """bf16 is optional and unverified to 1e-4; it must run end to end and stay near fp32."""
+    from kcircuits.discover.eap import attribute
+    from kcircuits.models import from_hf
+    from tests.helpers import random_batch
+
+    hf = tiny_hf("llama")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = engine_logits(from_hf(hf), ids)
+    low = from_hf(hf.to(torch.bfloat16))
+    out = engine_logits(low, ids).float()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    eng = Engine(low.weights)
+    scores = attribute(eng, [random_batch(2)], method="eap-ig", steps=2, progress=False)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0
+    from kcircuits.evaluate import Evaluator, select
+
+    res = Evaluator(eng, [random_batch(2)], progress=False).evaluate(select(eng.graph, scores, 40))
+    assert math.isfinite(res["faithfulness_of_means"])

@@ -236,7 +236,7 @@ class _Patcher:
 
     def __init__(self, mask: torch.Tensor, ablated: torch.Tensor | None, like: torch.Tensor, n_src: int,
                  differentiable: bool):
-        self.mask = mask.to(like.dtype)
+        self.mask = mask.to(device=like.device, dtype=like.dtype)
         self.inv = 1 - self.mask
         self.ablated = ablated
         self.differentiable = differentiable

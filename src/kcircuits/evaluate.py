@@ -70,9 +70,9 @@ class Evaluator:
         self.ablation = check_ablation(ablation)
         self.progress = progress
         self.cache: list[_Cached] = []
-        zeros = torch.zeros(self.graph.n_src, self.graph.n_dst)
         with torch.no_grad():
             for batch in tqdm(batches, desc="caching clean/ablated runs", disable=not progress):
+                zeros = torch.zeros(self.graph.n_src, self.graph.n_dst, device=batch.clean.device)
                 abl = ablated_acts(engine, batch, ablation, mean)
                 full = engine.run(engine.embed(batch.clean), batch.target_pos).logits
                 if ablation == "corrupt":

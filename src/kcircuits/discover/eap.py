@@ -106,7 +106,7 @@ def contract(engine: Engine, diff: torch.Tensor, grads: torch.Tensor, scores: to
     diff: ``[n_src, b, p, d]``; grads: ``[n_dst, b, p, d]``; scores: ``[n_src, n_dst]``.
     """
     g = engine.graph
-    diff_flat, grad_flat = diff.flatten(1), grads.flatten(1)
+    diff_flat, grad_flat = diff.flatten(1).to(grads.dtype), grads.flatten(1)
     blocks = [(g.dst_slice_attn(layer), int(g.n_src_before[g.dst_slice_attn(layer).start])) for layer in range(g.n_layers)]
     blocks += [(slice(g.dst_index_mlp(layer), g.dst_index_mlp(layer) + 1), int(g.n_src_before[g.dst_index_mlp(layer)]))
                for layer in range(g.n_layers)]
@@ -148,7 +148,8 @@ def attribute(
             clean_acts = engine.run(clean_in, batch.target_pos, record=True).acts
             diff = clean_acts if ablated is None else clean_acts - ablated
             start = ablated_input(engine, batch, ablated)
-        grads = torch.zeros(g.n_dst, *clean_in.shape, dtype=clean_in.dtype, device=clean_in.device)
+        # float32 whatever the model dtype: gradients are summed over steps before the contraction
+        grads = torch.zeros(g.n_dst, *clean_in.shape, dtype=torch.float32, device=clean_in.device)
         dest_weights = dest_weights or _DestinationWeights(engine)
         for alpha in alphas:
             embeds = (start + alpha * (clean_in - start)).detach().requires_grad_(True)
