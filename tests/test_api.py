@@ -168,3 +168,13 @@ def test_cli_datasets_and_models(capsys):
     assert code == 0 and "template:" in out
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0 and "smollm2-135m" in out and "gpt_neox" in out
+
+
+def test_known_only_caps_after_filtering_and_counts_everything(tiny, tmp_path):
+    res = api.discover("antonym", tiny, out=tmp_path / "k", known_only=True, known_k=10**6, curve=False,
+                       **{**SMALL, "n_random": 0, "max_pairs": 5})
+    prompts = json.loads((res.folder / "prompts.json").read_text())["all"]
+    assert prompts["n_pairs"] == 5
+    assert prompts["skipped"]["not_known_top1000000"] == 0  # every answer ranks within a million
+    # every candidate is accounted for: used, skipped for a reason, or over the cap
+    assert prompts["n_pairs"] + sum(prompts["skipped"].values()) == prompts["n_candidates"]

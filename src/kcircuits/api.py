@@ -7,7 +7,9 @@ written to the run folder as soon as it exists and reused by a rerun with the sa
 
 from __future__ import annotations
 
+import hashlib
 import platform
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,15 +87,20 @@ def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, split:
     parts = {"all": ds} if split is None else dict(zip(("discover", "test"), split_samples(ds, split, seed)))
     out = {}
     for role, part in parts.items():
-        ps = build_prompts(part, model.tokenizer, templates=templates, max_pairs=max_pairs, seed=seed)
+        # With --known-only the cap applies to the pairs the model knows, so filter first.
+        ps = build_prompts(part, model.tokenizer, templates=templates, max_pairs=None if known_only else max_pairs,
+                           seed=seed)
         skipped = dict(ps.skipped)
         pairs = list(ps.pairs)
-        capped = ps.n_candidates - len(pairs) - sum(skipped.values())
-        if capped:  # a choice, not a failure, but still counted so nothing disappears silently
-            skipped["over_max_pairs"] = capped
         if known_only and pairs:
             pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size)
             skipped[f"not_known_top{known_k}"] = dropped
+            if max_pairs is not None and len(pairs) > max_pairs:
+                keep = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
+                pairs = [pairs[i] for i in keep]
+        capped = ps.n_candidates - len(pairs) - sum(skipped.values())
+        if capped:  # a choice, not a failure, but still counted so nothing disappears silently
+            skipped["over_max_pairs"] = capped
         if not pairs:
             reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) or "none"
             raise KcircuitsError(
@@ -293,7 +300,9 @@ def evaluate(
         except json.JSONDecodeError as exc:
             raise KcircuitsError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     model_name = model.name if isinstance(model, LoadedModel) else model
-    reproduce = dict(command="evaluate", circuit_edges=sorted(f"{s}->{d}" for s, d, _ in circuit.edge_list()),
+    edge_names = sorted(f"{s}->{d}" for s, d, _ in circuit.edge_list())
+    reproduce = dict(command="evaluate", circuit_n_edges=len(edge_names),
+                     circuit_sha256=hashlib.sha256("\n".join(edge_names).encode()).hexdigest(),
                      relations=list(relations), model=model_name, metric=metric, ablation=ablation,
                      answer_scoring=answer_scoring, known_only=known_only, known_k=known_k, max_pairs=max_pairs,
                      dtype=dtype, seed=seed, n_random=n_random)
