@@ -36,3 +36,11 @@ def test_bad_pairs_are_clear_errors():
         make_batch(random_pairs(1), pad_id=0, answer_scoring="last")
     with pytest.raises(KcircuitsError, match="batch size"):
         make_batches(random_pairs(2), pad_id=0, batch_size=0)
+
+
+def test_split_keeps_every_prompt_in_order():
+    b = make_batch(random_pairs(5), pad_id=0)
+    parts = b.split(2)
+    assert [len(x) for x in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([x.clean for x in parts]), b.clean)
+    assert torch.equal(torch.cat([x.target_ids for x in parts]), b.target_ids)

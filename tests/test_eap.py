@@ -91,3 +91,16 @@ def test_clean_corrupted_averages_two_gradients():
     eap = attribute(eng, batches, method="eap", progress=False)
     assert not torch.allclose(both, eap)
     assert both.shape == eap.shape
+
+
+def test_memory_budget_splits_batches_without_changing_scores():
+    model = tiny_model("gpt2")
+    eng = Engine(model.weights)
+    batches = [random_batch(5)]
+    whole = attribute(eng, batches, method="eap-ig", steps=2, progress=False)
+    sizes = []
+    run = eng.run
+    eng.run = lambda embeds, *a, **k: sizes.append(embeds.shape[0]) or run(embeds, *a, **k)
+    tiny_budget = attribute(eng, batches, method="eap-ig", steps=2, progress=False, max_buffer_gb=1e-9)
+    assert set(sizes) == {1} and len(sizes) == 5 * (2 + 2)  # one prompt per pass: 2 caching runs + 2 steps each
+    assert torch.allclose(whole, tiny_budget, atol=1e-6)

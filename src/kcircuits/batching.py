@@ -43,6 +43,11 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def split(self, size: int) -> list["Batch"]:
+        """Consecutive sub-batches of at most ``size`` prompts (to bound per-pass memory)."""
+        return [Batch(**{f.name: getattr(self, f.name)[i : i + size] for f in fields(self)})
+                for i in range(0, len(self), max(1, size))]
+
 
 def make_batch(pairs: Sequence, pad_id: int, answer_scoring: str = "first_token") -> Batch:
     """Build a :class:`Batch` from prompt pairs (objects with clean_ids, corrupt_ids, answer_ids, corrupt_answer_ids).

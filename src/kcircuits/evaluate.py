@@ -61,7 +61,10 @@ def random_circuit(graph: Graph, n_edges: int, seed: int) -> Circuit:
 
 class Evaluator:
     def __init__(self, engine: Engine, batches: Sequence[Batch], *, metric: str | Metric = "logit_diff",
-                 ablation: str = "corrupt", mean: torch.Tensor | None = None, progress: bool = True):
+                 ablation: str = "corrupt", mean: torch.Tensor | None = None, progress: bool = True,
+                 max_cache_gb: float = 4.0):
+        """``max_cache_gb`` bounds the cached corrupted activations (``[n_src, b, p, d]`` per batch);
+        past it they are recomputed for every circuit (one more forward pass each) instead."""
         if not batches:
             raise KcircuitsError("nothing to evaluate: the prompt set is empty")
         self.engine, self.graph = engine, engine.graph
@@ -70,6 +73,10 @@ class Evaluator:
         self.ablation = check_ablation(ablation)
         self.progress = progress
         self.cache: list[_Cached] = []
+        self.mean = mean
+        n_tokens = sum(b.clean.numel() for b in batches)
+        cache_bytes = self.graph.n_src * n_tokens * engine.w.d_model * engine.w.W_E.element_size()
+        self.cache_ablated = ablation != "corrupt" or cache_bytes <= max_cache_gb * 2**30
         with torch.no_grad():
             for batch in tqdm(batches, desc="caching clean/ablated runs", disable=not progress):
                 zeros = torch.zeros(self.graph.n_src, self.graph.n_dst, device=batch.clean.device)
@@ -79,7 +86,7 @@ class Evaluator:
                     empty = engine.run(engine.embed(batch.corrupt), batch.target_pos).logits
                 else:
                     empty = engine.run(engine.embed(batch.clean), batch.target_pos, mask=zeros, ablated=abl).logits
-                self.cache.append(_Cached(batch, abl, full, empty))
+                self.cache.append(_Cached(batch, abl if self.cache_ablated else None, full, empty))
         self.m_full = check_finite(self._metric_over("full_logits"), "the full model's metric")
         self.m_empty = check_finite(self._metric_over("empty_logits"), "the empty circuit's metric")
         self.rank_full = torch.cat([answer_rank(c.full_logits, c.batch) for c in self.cache])
@@ -96,10 +103,11 @@ class Evaluator:
         """Logits of the circuit alone (edges outside it patched), one ``[b, T, V]`` per batch."""
         mask = circuit.mask() if isinstance(circuit, Circuit) else circuit
         out = []
+        eng = self.engine
         for c in self.cache:
-            eng = self.engine
+            abl = c.ablated if self.cache_ablated else ablated_acts(eng, c.batch, self.ablation, self.mean)
             out.append(eng.run(eng.embed(c.batch.clean), c.batch.target_pos, mask=mask.to(c.batch.clean.device),
-                               ablated=c.ablated).logits)
+                               ablated=abl).logits)
         return out
 
     def evaluate(self, circuit: Circuit, ks: tuple[int, ...] = (1, 10)) -> dict:

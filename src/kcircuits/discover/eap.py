@@ -115,6 +115,12 @@ def contract(engine: Engine, diff: torch.Tensor, grads: torch.Tensor, scores: to
         scores[:n_before, cols] += weight * (diff_flat[:n_before] @ grad_flat[cols].T).to(scores.dtype)
 
 
+def _prompts_per_pass(engine: Engine, batch: Batch, max_buffer_gb: float) -> int:
+    g = engine.graph
+    per_prompt = (g.n_src + g.n_dst) * batch.clean.shape[1] * engine.w.d_model * 4
+    return max(1, int(max_buffer_gb * 2**30 // per_prompt))
+
+
 def attribute(
     engine: Engine,
     batches: Sequence[Batch],
@@ -125,11 +131,13 @@ def attribute(
     ablation: str = "corrupt",
     mean: torch.Tensor | None = None,
     progress: bool = True,
+    max_buffer_gb: float = 2.0,
 ) -> torch.Tensor:
     """Edge scores ``[n_src, n_dst]`` (zero where no edge exists), averaged over all prompts.
 
-    Memory is bounded by the batch size: per batch the engine holds the activation difference
-    ``[n_src, b, p, d]`` and the destination gradients ``[n_dst, b, p, d]``.
+    Per pass the engine holds the activation difference ``[n_src, b, p, d]`` and the destination
+    gradients ``[n_dst, b, p, d]`` (float32); batches whose two buffers would exceed
+    ``max_buffer_gb`` are split into smaller ones, so memory stays bounded for any model size.
     """
     alphas = _alphas(method, steps)
     check_ablation(ablation)
@@ -139,6 +147,7 @@ def attribute(
         raise KcircuitsError("no prompts to attribute over")
     g = engine.graph
     scores = torch.zeros(g.n_src, g.n_dst, dtype=torch.float32, device=batches[0].clean.device)
+    batches = [part for batch in batches for part in batch.split(_prompts_per_pass(engine, batch, max_buffer_gb))]
     dest_weights = None
     bar = tqdm(total=len(batches) * len(alphas), desc=f"{method} attribution", disable=not progress, unit="pass")
     for batch in batches:
