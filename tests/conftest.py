@@ -30,6 +30,20 @@ def tiny_config(family: str, **overrides):
         cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                           intermediate_size=48, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=False,
                           use_sliding_window=False)
+    elif family == "gpt2_scaled":  # attention scaled by 1/(layer + 1), as some GPT-2 variants do
+        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=97, n_positions=64,
+                         scale_attn_by_inverse_layer_idx=True)
+    elif family == "llama3_rope":  # rope scaling handled by HF's own rotary module
+        cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
+                          intermediate_size=48, vocab_size=97, max_position_embeddings=64,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8})
+    elif family == "mistral":
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                            intermediate_size=48, vocab_size=97, max_position_embeddings=64, sliding_window=None)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -38,6 +52,8 @@ def tiny_config(family: str, **overrides):
 
 
 FAMILIES = ["gpt2", "gpt_neox", "gpt_neox_seq", "llama", "qwen2"]
+#: variants checked against the HF forward only
+VARIANTS = ["gpt2_scaled", "llama3_rope", "mistral"]
 
 
 def tiny_hf(family: str, seed: int = 0, **overrides):

@@ -9,7 +9,7 @@ from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.graph import Graph
 from kcircuits.models.adapters import adapt
-from tests.conftest import FAMILIES, tiny_hf, tiny_model
+from tests.conftest import FAMILIES, VARIANTS, tiny_hf, tiny_model
 
 TOL = 1e-4
 
@@ -21,11 +21,11 @@ def engine_logits(model, ids, grouped=True):
     return eng.run(eng.embed(ids), target).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + VARIANTS)
 @pytest.mark.parametrize("grouped", [True, False])
 def test_engine_matches_hf(family, grouped):
     model = tiny_model(family)
-    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(1))  # longer than rope's original window
     with torch.no_grad():
         ref = model.hf_model(ids).logits
         ours = engine_logits(model, ids, grouped)
