@@ -71,6 +71,14 @@ def reference_patched_logits(eng: Engine, batch, mask, corrupt_acts):
     return F.linear(w.ln_final(picked), w.W_U, w.b_U)
 
 
+def few_edges(g, gen, n=12):
+    """A mask keeping n random edges: a few destinations per layer have their own input."""
+    mask = torch.zeros(g.n_src, g.n_dst)
+    exists = torch.nonzero(g.edge_exists())
+    mask[tuple(exists[torch.randperm(len(exists), generator=gen)[:n]].T)] = 1
+    return mask
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen2"])
 def test_mask_ones_is_clean_zeros_is_corrupt(family):
     _, eng, batch, clean, corrupt = setup(family)
@@ -92,7 +100,8 @@ def test_random_mask_matches_edge_by_edge_reference(family, grouped):
     for mask in (torch.rand(g.n_src, g.n_dst, generator=gen).round(),  # binary
                  torch.rand(g.n_src, g.n_dst, generator=gen),  # fractional, as learned masks are
                  (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.05).float(),  # sparse: the "kept rows" path
-                 (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.95).float()):  # dense: the "patched rows" path
+                 (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.95).float(),  # dense: the "patched rows" path
+                 few_edges(g, gen)):  # most destinations read the shared, fully patched input
         with torch.no_grad():
             fast = eng.run(eng.embed(batch.clean), batch.target_pos, mask=mask, ablated=corrupt.acts).logits
             slow = reference_patched_logits(eng, batch, mask, corrupt.acts)
@@ -102,7 +111,8 @@ def test_random_mask_matches_edge_by_edge_reference(family, grouped):
 def test_per_prompt_masks_equal_separate_runs():
     _, eng, batch, _, corrupt = setup("llama", n=3)
     g = eng.graph
-    masks = torch.rand(3, g.n_src, g.n_dst, generator=torch.Generator().manual_seed(5)).round()
+    gen = torch.Generator().manual_seed(5)
+    masks = torch.stack([torch.rand(g.n_src, g.n_dst, generator=gen).round(), few_edges(g, gen), few_edges(g, gen, 3)])
     with torch.no_grad():
         together = eng.run(eng.embed(batch.clean), batch.target_pos, mask=masks, ablated=corrupt.acts).logits
         for i in range(3):
@@ -118,3 +128,32 @@ def test_zero_ablation_all_zero_mask_ignores_input():
         a = eng.run(eng.embed(batch.clean), batch.target_pos, mask=torch.zeros(g.n_src, g.n_dst), ablated=None).logits
         b = eng.run(eng.embed(batch.corrupt), batch.target_pos, mask=torch.zeros(g.n_src, g.n_dst), ablated=None).logits
     assert (a - b).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_other_ablations_match_reference_for_sparse_and_dense_masks(ablation):
+    _, eng, batch, clean, _ = setup("llama")
+    g = eng.graph
+    if ablation == "zero":
+        ablated, reference = None, torch.zeros_like(clean.acts)
+    else:
+        ablated = clean.acts.mean((1, 2), keepdim=True)  # [n_src, 1, 1, d]
+        reference = ablated.expand_as(clean.acts)
+    gen = torch.Generator().manual_seed(11)
+    for mask in (few_edges(g, gen), (torch.rand(g.n_src, g.n_dst, generator=gen) < 0.9).float()):
+        with torch.no_grad():
+            fast = eng.run(eng.embed(batch.clean), batch.target_pos, mask=mask, ablated=ablated).logits
+            slow = reference_patched_logits(eng, batch, mask, reference)
+        assert (fast - slow).abs().max() <= TOL
+
+
+def test_per_prompt_sparse_masks_equal_separate_runs():
+    _, eng, batch, _, corrupt = setup("gpt2", n=3)
+    g = eng.graph
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.stack([few_edges(g, gen, k) for k in (2, 5, 9)])
+    with torch.no_grad():
+        together = eng.run(eng.embed(batch.clean), batch.target_pos, mask=masks, ablated=corrupt.acts).logits
+        for i in range(3):
+            alone = eng.run(eng.embed(batch.clean), batch.target_pos, mask=masks[i], ablated=corrupt.acts).logits
+            assert (together[i] - alone[i]).abs().max() <= TOL

@@ -18,6 +18,7 @@ every position is most of a small model's cost and no metric needs it.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 
 from kcircuits.graph import Graph
 from kcircuits.models.weights import Block, ModelWeights
+
+#: torch >= 2.5 shares kv heads inside attention, without materialising repeated k/v.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 @dataclass
@@ -91,19 +95,37 @@ class Engine:
             k, v = k[:, :, self._kv_of_dst], v[:, :, self._kv_of_dst]
         return q, k, v
 
+    def _dest_groups(self, a):
+        """(first column, weights ``[n, e, d]``, biases ``[n, e]``) of the q, k and v destinations of a layer."""
+        H, Hk = a.n_heads, self.graph.n_kv_dst
+        q_w = (self._heads(a.W_Q, H), None if a.b_Q is None else a.b_Q.view(H, -1))
+        return ((0, *q_w), (H, *self._kv_weights(a, a.W_K, a.b_K)), (H + Hk, *self._kv_weights(a, a.W_V, a.b_V)))
+
+    @staticmethod
+    def _project_heads(h: torch.Tensor, Wh: torch.Tensor, bh: torch.Tensor | None) -> torch.Tensor:
+        """Each of n normed inputs ``h [n, b, p, d]`` through its own head's rows -> ``[b, p, n, e]``."""
+        out = torch.einsum("nbpd,ned->bpne", h, Wh)
+        return out if bh is None else out + bh
+
     def _project_patched(self, blk: Block, x_dst: torch.Tensor):
         """q/k/v when every destination has its own input ``x_dst [H + 2Hk, b, p, d]``."""
-        a, Hk = blk.attn, self.graph.n_kv_dst
         h = blk.ln1(x_dst)
-        hq, hk, hv = h[: a.n_heads], h[a.n_heads : a.n_heads + Hk], h[a.n_heads + Hk :]
+        groups = self._dest_groups(blk.attn)
+        bounds = [g[0] for g in groups] + [x_dst.shape[0]]
+        return tuple(self._project_heads(h[lo:hi], Wh, bh) for (lo, Wh, bh), hi in zip(groups, bounds[1:]))
 
-        def proj(hx, Wh, bh):
-            out = torch.einsum("nbpd,ned->bpne", hx, Wh)
-            return out if bh is None else out + bh
-
-        q = proj(hq, self._heads(a.W_Q, a.n_heads), None if a.b_Q is None else a.b_Q.view(a.n_heads, -1))
-        k = proj(hk, *self._kv_weights(a, a.W_K, a.b_K))
-        v = proj(hv, *self._kv_weights(a, a.W_V, a.b_V))
+    def _project_mixed(self, blk: Block, base: torch.Tensor, cols: torch.Tensor, x_own: torch.Tensor):
+        """q/k/v when only destinations ``cols`` have their own inputs ``x_own [len(cols), b, p, d]``
+        and all the others read ``base [b, p, d]`` (small circuits: most destinations are fully patched)."""
+        q, k, v = self._project_shared(blk, base)
+        h = blk.ln1(x_own)
+        groups = self._dest_groups(blk.attn)
+        bounds = [g[0] for g in groups] + [self.graph.n_attn_dst]
+        for out, (lo, Wh, bh), hi in zip((q, k, v), groups, bounds[1:]):
+            sel = torch.nonzero((cols >= lo) & (cols < hi)).flatten()
+            if len(sel):
+                heads = cols[sel] - lo
+                out[:, :, heads] = self._project_heads(h[sel], Wh[heads], None if bh is None else bh[heads])
         return q, k, v
 
     def _attend(self, blk: Block, q, k, v, cos, sin) -> torch.Tensor:
@@ -111,11 +133,15 @@ class Engine:
         a = blk.attn
         if self.w.rotary is not None:
             q, k = self.w.rotary.apply(q, cos, sin), self.w.rotary.apply(k, cos, sin)
+        extra = {}
         if k.shape[2] != a.n_heads:  # grouped-query attention: share each kv head across its group
-            rep = a.n_heads // k.shape[2]
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            if _SDPA_GQA:
+                extra["enable_gqa"] = True
+            else:
+                rep = a.n_heads // k.shape[2]
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=a.scale)
+                                           is_causal=True, scale=a.scale, **extra)
         return z.transpose(1, 2)
 
     # ------------------------------------------------------------------ the forward pass
@@ -165,15 +191,24 @@ class Engine:
             first = g.src_index_head(layer, 0)
             if patching:
                 x_dst = patcher.inputs(x, first, g.dst_slice_attn(layer))
-                if x_dst.dim() == 3:  # every destination reads the same (fully patched) input
-                    q, k, v = self._project_shared(blk, x_dst)
+                if isinstance(x_dst, tuple):  # few destinations keep edges; the rest share one input
+                    q, k, v = self._project_mixed(blk, *x_dst)
                 else:
                     q, k, v = self._project_patched(blk, x_dst)
             else:
                 q, k, v = self._project_shared(blk, x)
             z = self._attend(blk, q, k, v, cos, sin)
-            if record or patching:
-                head_out = torch.einsum("bphe,hed->hbpd", z, self._heads(blk.attn.W_O.T, H))
+            W_O_heads = self._heads(blk.attn.W_O.T, H)  # [H, e, d]
+            if patching and not record and patcher.sparse:
+                # Small circuit: only heads that feed some kept edge need their own output; the
+                # others enter through the prefix sum, which the summed attention output gives.
+                attn_out = F.linear(z.flatten(2), blk.attn.W_O, blk.attn.b_O)
+                needed = patcher.needed(first, H)
+                head_out = torch.einsum("bphe,hed->hbpd", z[:, :, needed], W_O_heads[needed])
+                bias = blk.attn.b_O if blk.attn.b_O is not None else 0
+                patcher.emit(first, head_out, n=H, total=attn_out - bias)
+            elif record or patching:
+                head_out = torch.einsum("bphe,hed->hbpd", z, W_O_heads)
                 emit(first, head_out)
                 attn_out = head_out.sum(0)
                 if blk.attn.b_O is not None:
@@ -224,14 +259,17 @@ def _nonzero_rows(block: torch.Tensor) -> torch.Tensor:
 
 
 class _Patcher:
-    """Holds ``delta_u = a_u - ablated_u`` for the sources computed so far and returns patch terms.
+    """Holds ``delta_u = a_u - ablated_u`` for the sources computed so far and builds destination inputs.
 
-    The patch term of a block of destinations is ``Σ_{u < n} (1 - mask[u, v]) · delta_u``. Without
-    autograd the deltas live in one buffer, and the term is computed from whichever side is sparser:
-    the rows where ``1 - mask`` is non-zero, or (for small circuits, where almost every edge is
-    patched) the prefix sum ``Σ_u delta_u`` minus the few rows where ``mask`` is non-zero. With
-    autograd (learned masks, mask gradients) in-place writes are not allowed, so the deltas are kept
-    as per-layer chunks and summed chunk by chunk.
+    A block of destinations reads ``x - Σ_{u < n} (1 - mask[u, v]) · delta_u``. Three ways to get it:
+
+    * ``chunks`` (autograd on: learned masks, mask gradients): in-place writes are not allowed, so
+      deltas are kept per layer and the term is summed chunk by chunk.
+    * ``sparse`` (small circuits: fewer sources with a kept edge than with a patched one): only the
+      deltas of sources with a kept edge are stored, in a compact buffer, plus the running sum of
+      all deltas; an input is ``(x - Σ_u delta_u) + Σ_u mask[u, v] · delta_u`` over the kept rows.
+      Destinations with no kept edge all read the same tensor, which the engine projects once.
+    * ``dense`` (large circuits): every delta in one buffer; the term is summed over patched rows.
     """
 
     def __init__(self, mask: torch.Tensor, ablated: torch.Tensor | None, like: torch.Tensor, n_src: int,
@@ -239,56 +277,87 @@ class _Patcher:
         self.mask = mask.to(device=like.device, dtype=like.dtype)
         self.inv = 1 - self.mask
         self.ablated = ablated
-        self.differentiable = differentiable
         self.chunks: list[tuple[int, torch.Tensor]] = []
-        self.buf = None if differentiable else like.new_empty(n_src, *like.shape)
         self.prefix: dict[int, torch.Tensor] = {}  # n -> Σ_{u < n} delta_u, at chunk boundaries
-        self._running = torch.zeros_like(like) if not differentiable else None
-
-    def emit(self, start: int, out: torch.Tensor) -> None:
-        stop = start + out.shape[0]
-        if self.differentiable:
-            self.chunks.append((start, out if self.ablated is None else out - self.ablated[start:stop]))
-            return
-        delta = self.buf[start:stop]
-        if self.ablated is None:
-            delta.copy_(out)
+        self._running = torch.zeros_like(like)
+        needed = _nonzero_rows(self.mask)  # sources with some kept edge
+        if differentiable:
+            self.mode = "chunks"
+        elif len(needed) <= len(_nonzero_rows(self.inv)):
+            self.mode = "sparse"
+            self._needed = needed.tolist()
+            self._compact = {u: i for i, u in enumerate(self._needed)}
+            self._needed_mask = torch.zeros(n_src, dtype=torch.bool, device=like.device)
+            self._needed_mask[needed] = True
+            self.keep = self.mask[needed] if self.mask.dim() == 2 else self.mask[:, needed]  # compact rows
+            self.buf = like.new_empty(len(needed), *like.shape)
         else:
-            torch.sub(out, self.ablated[start:stop], out=delta)
-        self._running = self._running + delta.sum(0)
+            self.mode = "dense"
+            self.buf = like.new_empty(n_src, *like.shape)
+
+    @property
+    def sparse(self) -> bool:
+        return self.mode == "sparse"
+
+    def needed(self, start: int, n: int) -> torch.Tensor:
+        """Indices i in 0..n-1 of the sources ``start + i`` that have a kept edge (sparse mode)."""
+        return torch.nonzero(self._needed_mask[start : start + n]).flatten()
+
+    def emit(self, start: int, out: torch.Tensor, n: int | None = None, total: torch.Tensor | None = None) -> None:
+        """Take the outputs ``out [k, b, p, d]`` of sources ``start..``.
+
+        Normally ``out`` holds all of them. In sparse mode the engine may pass only the sources with
+        a kept edge (``n`` sources in all, ``total`` = Σ of all n outputs, ``[b, p, d]``).
+        """
+        n = out.shape[0] if n is None else n
+        stop = start + n
+        ablated = None if self.ablated is None else self.ablated[start:stop]
+        if total is None:
+            delta = out if ablated is None else out - ablated
+            total_delta = delta.sum(0)
+        else:
+            total_delta = total if ablated is None else total - ablated.sum(0)
+        if self.mode == "chunks":
+            self.chunks.append((start, delta))
+        elif self.mode == "dense":
+            self.buf[start:stop] = delta
+        else:
+            rows = [u for u in range(start, stop) if u in self._compact]
+            if rows:
+                first = self._compact[rows[0]]  # needed rows of one chunk are consecutive in the buffer
+                picked = (delta[[u - start for u in rows]] if total is None
+                          else out - self.ablated[rows] if self.ablated is not None else out)
+                self.buf[first : first + len(rows)] = picked
+        self._running = self._running + total_delta
         self.prefix[stop] = self._running
 
-    def inputs(self, x: torch.Tensor, n_before: int, cols: slice, single: bool = False) -> torch.Tensor:
-        """The inputs ``x - term`` of a block of destinations, ``[n_cols, b, p, d]`` (``[b, p, d]`` with
-        ``single``). When no destination of the block keeps any edge, they all read the same fully
-        patched input and one ``[b, p, d]`` tensor is returned instead (the caller projects it once)."""
-        if not self.differentiable and n_before in self.prefix:
-            keep = _cols(self.mask, n_before, cols)
-            rows_keep = _nonzero_rows(keep)
-            if len(rows_keep) < len(_nonzero_rows(_cols(self.inv, n_before, cols))):
-                base = x - self.prefix[n_before]
-                if len(rows_keep) == 0:
-                    return base
-                kept = _weighted_sum(self.buf[rows_keep], keep[rows_keep] if keep.dim() == 2 else keep[:, rows_keep])
-                out = base[None] + kept
-                return out[0] if single else out
-        out = x[None] - self.term(n_before, cols)
-        return out[0] if single else out
+    def inputs(self, x: torch.Tensor, n_before: int, cols: slice, single: bool = False):
+        """The inputs of a block of destinations reading sources ``:n_before``.
 
-    def term(self, n_before: int, cols: slice) -> torch.Tensor:
+        Returns ``[n_cols, b, p, d]`` (``[b, p, d]`` with ``single``), or in sparse mode
+        ``(base [b, p, d], own_cols LongTensor [k], own [k, b, p, d])``: every destination not in
+        ``own_cols`` reads ``base``, the fully patched input.
+        """
+        if self.mode == "sparse":
+            base = x - self.prefix[n_before]
+            m = bisect.bisect_left(self._needed, n_before)  # compact rows of sources before the block
+            keep = self.keep[:m, cols] if self.keep.dim() == 2 else self.keep[:, :m, cols]
+            own_cols = _nonzero_rows(keep.transpose(-1, -2))
+            if single:
+                return base if len(own_cols) == 0 else base + _weighted_sum(self.buf[:m], keep)[0]
+            own = base[None] + _weighted_sum(self.buf[:m], keep[..., own_cols])
+            return base, own_cols, own
         inv = _cols(self.inv, n_before, cols)
-        if self.differentiable:
-            total = 0
+        if self.mode == "dense":
+            rows = _nonzero_rows(inv)
+            term = _weighted_sum(self.buf[rows], inv[rows] if inv.dim() == 2 else inv[:, rows])
+        else:
+            term = 0
             for start, delta in self.chunks:
                 if start >= n_before:
                     break
                 stop = min(start + delta.shape[0], n_before)
-                rows = self.inv[start:stop, cols] if self.inv.dim() == 2 else self.inv[:, start:stop, cols]
-                total = total + _weighted_sum(delta[: stop - start], rows)
-            return total
-        keep = _cols(self.mask, n_before, cols)
-        rows_keep, rows_inv = _nonzero_rows(keep), _nonzero_rows(inv)
-        if len(rows_keep) < len(rows_inv) and n_before in self.prefix:
-            kept = _weighted_sum(self.buf[rows_keep], keep[rows_keep] if keep.dim() == 2 else keep[:, rows_keep])
-            return self.prefix[n_before][None] - kept
-        return _weighted_sum(self.buf[rows_inv], inv[rows_inv] if inv.dim() == 2 else inv[:, rows_inv])
+                rows_inv = self.inv[start:stop, cols] if self.inv.dim() == 2 else self.inv[:, start:stop, cols]
+                term = term + _weighted_sum(delta[: stop - start], rows_inv)
+        out = x[None] - term
+        return out[0] if single else out
