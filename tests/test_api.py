@@ -178,3 +178,30 @@ def test_known_only_caps_after_filtering_and_counts_everything(tiny, tmp_path):
     assert prompts["skipped"]["not_known_top1000000"] == 0  # every answer ranks within a million
     # every candidate is accounted for: used, skipped for a reason, or over the cap
     assert prompts["n_pairs"] + sum(prompts["skipped"].values()) == prompts["n_candidates"]
+
+
+def test_attribution_resumes_after_a_crash_mid_run(tiny, tmp_path, monkeypatch):
+    import kcircuits.discover.eap as eap
+
+    opts = dict(curve=False, **{**SMALL, "n_random": 0, "batch_size": 2})
+    reference = api.discover("country_capital", tiny, out=tmp_path / "ref", **opts).scores
+    calls = {"n": 0}
+    real = eap.destination_grads
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # third batch, first step (2 steps per batch)
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eap, "destination_grads", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        api.discover("country_capital", tiny, out=tmp_path / "r", **opts)
+    partial = tmp_path / "r" / api.PARTIAL_SCORES
+    assert partial.exists() and not (tmp_path / "r" / "scores.safetensors").exists()
+    monkeypatch.setattr(eap, "destination_grads", real)
+    counted = []
+    monkeypatch.setattr(eap, "destination_grads", lambda *a, **k: counted.append(1) or real(*a, **k))
+    resumed = api.discover("country_capital", tiny, out=tmp_path / "r", **opts).scores
+    assert len(counted) == 2 * (4 - 2)  # only the two unfinished batches (of 4) were recomputed
+    assert torch.allclose(resumed, reference, atol=1e-6) and not partial.exists()

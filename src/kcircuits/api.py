@@ -172,6 +172,12 @@ def discover(
     that fraction of the relation's subjects and evaluated on the rest.
     """
     _validate(method, metric, ablation, answer_scoring, "threshold" if threshold is not None else selection)
+    if method == "eap-ig" and steps < 1:
+        raise KcircuitsError("EAP-IG needs at least 1 step (--steps)")
+    if batch_size < 1:
+        raise KcircuitsError("batch size must be >= 1")
+    if split is not None and not 0 < split < 1:
+        raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
     model_name = model.name if isinstance(model, LoadedModel) else model
     reproduce = dict(command="discover", relation=relation, model=model_name, method=method, steps=steps, metric=metric,
                      ablation=ablation, selection=selection, n_edges=n_edges, percent=percent, threshold=threshold,
@@ -200,10 +206,11 @@ def discover(
     if run.has("scores.safetensors"):
         scores = run.read_tensors("scores.safetensors")["scores"].to(lm.device)
     else:
-        scores = attribute(engine, disc_batches, method=method, metric=metric, steps=steps, ablation=ablation,
-                           mean=mean, progress=progress)
+        scores = _attribute_resumable(run, engine, disc_batches, method=method, metric=metric, steps=steps,
+                                      ablation=ablation, mean=mean, progress=progress)
         run.write_tensors("scores.safetensors", {"scores": scores},
                           {"src_names": ",".join(graph.src_names), "dst_names": ",".join(graph.dst_names)})
+        run.file(PARTIAL_SCORES).unlink(missing_ok=True)
 
     # 3. circuit
     if threshold is not None:
@@ -233,6 +240,27 @@ def discover(
     # 5. report
     write_report(run.file("report.html"), build_report(run.config, circuit, metrics, sets, graph))
     return RunOutput(run.path, circuit, metrics, scores, sets)
+
+
+PARTIAL_SCORES = "scores.partial.safetensors"
+
+
+def _attribute_resumable(run: RunFolder, engine: Engine, batches: list[Batch], **kwargs) -> torch.Tensor:
+    """Attribution that checkpoints its running sums after every batch and resumes from them."""
+    resume = None
+    if run.has(PARTIAL_SCORES):
+        from safetensors import safe_open
+
+        with safe_open(str(run.file(PARTIAL_SCORES)), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = run.read_tensors(PARTIAL_SCORES)
+        resume = (int(meta.get("done", 0)), tensors["scores"].to(batches[0].clean.device))
+
+    def checkpoint(done: int, total: int, partial: torch.Tensor) -> None:
+        if done < total:
+            run.write_tensors(PARTIAL_SCORES, {"scores": partial}, {"done": done, "total": total})
+
+    return attribute(engine, batches, resume=resume, on_batch=checkpoint, **kwargs)
 
 
 def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | None, sets: dict[str, PromptSplit],

@@ -18,7 +18,7 @@ on α, so the gradients are summed over steps first and contracted with the diff
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -132,12 +132,17 @@ def attribute(
     mean: torch.Tensor | None = None,
     progress: bool = True,
     max_buffer_gb: float = 2.0,
+    resume: tuple[int, torch.Tensor] | None = None,
+    on_batch: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Edge scores ``[n_src, n_dst]`` (zero where no edge exists), averaged over all prompts.
 
     Per pass the engine holds the activation difference ``[n_src, b, p, d]`` and the destination
     gradients ``[n_dst, b, p, d]`` (float32); batches whose two buffers would exceed
     ``max_buffer_gb`` are split into smaller ones, so memory stays bounded for any model size.
+
+    Long runs can be checkpointed: ``on_batch(done, total, partial_scores)`` is called after each
+    batch, and ``resume=(done, partial_scores)`` continues from such a checkpoint (same batches).
     """
     alphas = _alphas(method, steps)
     check_ablation(ablation)
@@ -149,8 +154,15 @@ def attribute(
     scores = torch.zeros(g.n_src, g.n_dst, dtype=torch.float32, device=batches[0].clean.device)
     batches = [part for batch in batches for part in batch.split(_prompts_per_pass(engine, batch, max_buffer_gb))]
     dest_weights = None
-    bar = tqdm(total=len(batches) * len(alphas), desc=f"{method} attribution", disable=not progress, unit="pass")
-    for batch in batches:
+    done = 0
+    if resume is not None:
+        done, partial = resume
+        if not 0 <= done <= len(batches):
+            raise KcircuitsError(f"cannot resume attribution at batch {done} of {len(batches)}; delete the partial scores")
+        scores = partial.to(scores)
+    bar = tqdm(total=len(batches) * len(alphas), initial=done * len(alphas), desc=f"{method} attribution",
+               disable=not progress, unit="pass")
+    for index, batch in enumerate(batches[done:], start=done + 1):
         ablated = ablated_acts(engine, batch, ablation, mean)
         with torch.no_grad():
             clean_in = engine.embed(batch.clean)
@@ -168,5 +180,7 @@ def attribute(
             del run
             bar.update(1)
         contract(engine, diff, grads, scores, 1.0 / len(alphas))
+        if on_batch is not None:
+            on_batch(index, len(batches), scores)
     bar.close()
     return scores * g.edge_exists().to(scores.device)
