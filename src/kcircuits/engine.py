@@ -19,6 +19,7 @@ every position is most of a small model's cost and no metric needs it.
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -252,6 +253,18 @@ def _weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("sbpd,bsv->vbpd", delta, weights)
 
 
+def _sparse_weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_weighted_sum` for a mostly-zero 2-D ``weights`` (a circuit's kept edges): a sparse
+    product reads only the rows each destination keeps."""
+    if weights.dim() == 3 or delta.shape[0] == 0 or delta.device.type != "cpu" or delta.dtype != torch.float32:
+        return _weighted_sum(delta, weights)
+    s, rest = delta.shape[0], delta.shape[1:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        out = weights.T.to_sparse_csr() @ delta.reshape(s, -1)
+    return out.view(weights.shape[1], *rest)
+
+
 def _nonzero_rows(block: torch.Tensor) -> torch.Tensor:
     """Source rows of a ``[s, v]`` or ``[b, s, v]`` mask block with any non-zero entry."""
     nz = block != 0
@@ -344,8 +357,8 @@ class _Patcher:
             keep = self.keep[:m, cols] if self.keep.dim() == 2 else self.keep[:, :m, cols]
             own_cols = _nonzero_rows(keep.transpose(-1, -2))
             if single:
-                return base if len(own_cols) == 0 else base + _weighted_sum(self.buf[:m], keep)[0]
-            own = base[None] + _weighted_sum(self.buf[:m], keep[..., own_cols])
+                return base if len(own_cols) == 0 else base + _sparse_weighted_sum(self.buf[:m], keep)[0]
+            own = base[None] + _sparse_weighted_sum(self.buf[:m], keep[..., own_cols])
             return base, own_cols, own
         inv = _cols(self.inv, n_before, cols)
         if self.mode == "dense":
