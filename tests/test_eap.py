@@ -71,9 +71,7 @@ def test_eap_ig_one_step_is_eap_and_steps_integrate():
     # EAP-IG with many steps on the *input* edges approximates the true effect of patching the input
     # everywhere at once: summed over the input's edges, the scores approach m(clean) - m(input patched).
     ig = attribute(eng, batches, method="eap-ig", steps=64, progress=False)
-    g = eng.graph
     batch = batches[0]
-    abl = ablated_acts(eng, batch, "corrupt")
     with torch.no_grad():
         full = get_metric("logit_diff")(eng.run(eng.embed(batch.clean), batch.target_pos).logits, batch).mean()
         corrupt = get_metric("logit_diff")(eng.run(eng.embed(batch.corrupt), batch.target_pos).logits, batch).mean()

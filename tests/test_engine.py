@@ -47,7 +47,6 @@ def reference_patched_logits(eng: Engine, batch, mask, corrupt_acts):
         sl = g.dst_slice_attn(layer)
         dsts = list(range(sl.start, sl.stop))
         q_dst, k_dst, v_dst = dsts[:H], dsts[H : H + g.n_kv_dst], dsts[H + g.n_kv_dst :]
-        z_heads = []
         for h in range(H):
             kv = h // (H // a.n_kv_heads)
             kd = kv if g.grouped_kv else h
