@@ -142,9 +142,11 @@ def test_cli_discover_and_evaluate(tiny_smol_dir, tmp_path, capsys):
     (["evaluate", "/nonexistent/circuit.json", "antonym"], "no circuit"),
     (["datasets", "no_such_relation"], "unknown"),
 ])
-def test_cli_bad_input_exit_code_2(args, pattern, capsys, monkeypatch):
+def test_cli_bad_input_exit_code_2(args, pattern, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(args, capsys)
+    assert not (tmp_path / "runs").exists()  # a failed command leaves no run folder behind
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kcircuits: error:") and pattern in lines[0]
@@ -205,3 +207,32 @@ def test_attribution_resumes_after_a_crash_mid_run(tiny, tmp_path, monkeypatch):
     resumed = api.discover("country_capital", tiny, out=tmp_path / "r", **opts).scores
     assert len(counted) == 2 * (4 - 2)  # only the two unfinished batches (of 4) were recomputed
     assert torch.allclose(resumed, reference, atol=1e-6) and not partial.exists()
+
+
+def test_checkpoint_from_another_batch_layout_is_not_reused(tiny, tmp_path, monkeypatch):
+    """batch_size is not part of the result's identity, but a checkpoint is only valid for its own batches."""
+    import kcircuits.discover.eap as eap
+
+    opts = dict(curve=False, **{**SMALL, "n_random": 0})
+    reference = api.discover("antonym", tiny, out=tmp_path / "ref", **{**opts, "batch_size": 3}).scores
+    calls = {"n": 0}
+    real = eap.destination_grads
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eap, "destination_grads", flaky)
+    with pytest.raises(RuntimeError):
+        api.discover("antonym", tiny, out=tmp_path / "r", **{**opts, "batch_size": 2})
+    monkeypatch.setattr(eap, "destination_grads", real)
+    resumed = api.discover("antonym", tiny, out=tmp_path / "r", **{**opts, "batch_size": 3}).scores
+    assert torch.allclose(resumed, reference, atol=1e-6)
+
+
+def test_bad_relation_writes_nothing(tmp_path, tiny):
+    with pytest.raises(KcircuitsError):
+        api.discover("no_such_relation", tiny, out=tmp_path / "x", **SMALL)
+    assert not (tmp_path / "x").exists()

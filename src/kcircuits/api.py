@@ -184,12 +184,12 @@ def discover(
                      absolute=absolute, split=split, known_only=known_only, known_k=known_k,
                      answer_scoring=answer_scoring, max_pairs=max_pairs, templates=templates, grouped=grouped,
                      dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random)
+    load_dataset(relation)  # fail on a bad relation before anything is loaded or written
     folder = Path(out) if out else default_run_dir("discover", [Path(relation).stem, Path(model_name).name, method], reproduce)
+    torch.manual_seed(seed)
+    lm = _model(model, device, dtype)  # before the run folder: a model that fails to load writes nothing
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(),
                              "batch_size": batch_size, "device": str(device)})
-    load_dataset(relation)  # fail on a bad relation before the model is loaded
-    torch.manual_seed(seed)
-    lm = _model(model, device, dtype)
     graph = Graph.from_model(lm.weights, grouped=grouped)
     engine = Engine(lm.weights, graph)
 
@@ -202,10 +202,10 @@ def discover(
     disc_batches = _batches(lm, found_on.pairs, batch_size, answer_scoring)
 
     # 2. attribution scores (reused when present)
-    mean = mean_activations(engine, disc_batches) if ablation == "mean" else None
     if run.has("scores.safetensors"):
         scores = run.read_tensors("scores.safetensors")["scores"].to(lm.device)
     else:
+        mean = mean_activations(engine, disc_batches) if ablation == "mean" else None
         scores = _attribute_resumable(run, engine, disc_batches, method=method, metric=metric, steps=steps,
                                       ablation=ablation, mean=mean, progress=progress)
         run.write_tensors("scores.safetensors", {"scores": scores},
@@ -254,11 +254,11 @@ def _attribute_resumable(run: RunFolder, engine: Engine, batches: list[Batch], *
         with safe_open(str(run.file(PARTIAL_SCORES)), framework="pt") as fh:
             meta = fh.metadata() or {}
         tensors = run.read_tensors(PARTIAL_SCORES)
-        resume = (int(meta.get("done", 0)), tensors["scores"].to(batches[0].clean.device))
+        resume = (int(meta.get("done", 0)), tensors["scores"].to(batches[0].clean.device), meta.get("layout", ""))
 
-    def checkpoint(done: int, total: int, partial: torch.Tensor) -> None:
-        if done < total:
-            run.write_tensors(PARTIAL_SCORES, {"scores": partial}, {"done": done, "total": total})
+    def checkpoint(done: int, layout: str, partial: torch.Tensor) -> None:
+        if done < len(layout.split(",")):
+            run.write_tensors(PARTIAL_SCORES, {"scores": partial}, {"done": done, "layout": layout})
 
     return attribute(engine, batches, resume=resume, on_batch=checkpoint, **kwargs)
 
@@ -336,11 +336,11 @@ def evaluate(
                      dtype=dtype, seed=seed, n_random=n_random)
     folder = Path(out) if out else default_run_dir("evaluate", [Path(model_name).name] + [Path(r).stem for r in relations][:3],
                                                    reproduce)
+    for rel in relations:
+        load_dataset(rel)  # fail on a bad relation before anything is loaded or written
+    lm = _model(model, device, dtype)  # before the run folder: a model that fails to load writes nothing
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
                              "device": str(device)})
-    for rel in relations:
-        load_dataset(rel)  # fail on a bad relation before the model is loaded
-    lm = _model(model, device, dtype)
     g = circuit.graph
     if (g.n_layers, g.n_heads, g.n_kv_heads) != (lm.weights.n_layers, lm.weights.n_heads, lm.weights.n_kv_heads):
         raise KcircuitsError(f"the circuit was found on a model with {g.n_layers} layers x {g.n_heads} heads, "

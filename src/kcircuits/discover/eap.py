@@ -132,8 +132,8 @@ def attribute(
     mean: torch.Tensor | None = None,
     progress: bool = True,
     max_buffer_gb: float = 2.0,
-    resume: tuple[int, torch.Tensor] | None = None,
-    on_batch: Callable[[int, int, torch.Tensor], None] | None = None,
+    resume: tuple[int, torch.Tensor, str] | None = None,
+    on_batch: Callable[[int, str, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Edge scores ``[n_src, n_dst]`` (zero where no edge exists), averaged over all prompts.
 
@@ -141,8 +141,9 @@ def attribute(
     gradients ``[n_dst, b, p, d]`` (float32); batches whose two buffers would exceed
     ``max_buffer_gb`` are split into smaller ones, so memory stays bounded for any model size.
 
-    Long runs can be checkpointed: ``on_batch(done, total, partial_scores)`` is called after each
-    batch, and ``resume=(done, partial_scores)`` continues from such a checkpoint (same batches).
+    Long runs can be checkpointed: ``on_batch(done, layout, partial_scores)`` is called after each
+    batch, and ``resume=(done, partial_scores, layout)`` continues from such a checkpoint. ``layout``
+    (the prompts per pass, e.g. ``"8,8,3"``) must match, else the checkpoint is ignored.
     """
     alphas = _alphas(method, steps)
     check_ablation(ablation)
@@ -155,11 +156,9 @@ def attribute(
     batches = [part for batch in batches for part in batch.split(_prompts_per_pass(engine, batch, max_buffer_gb))]
     dest_weights = None
     done = 0
-    if resume is not None:
-        done, partial = resume
-        if not 0 <= done <= len(batches):
-            raise KcircuitsError(f"cannot resume attribution at batch {done} of {len(batches)}; delete the partial scores")
-        scores = partial.to(scores)
+    layout = ",".join(str(len(b)) for b in batches)
+    if resume is not None and resume[2] == layout and 0 <= resume[0] <= len(batches):
+        done, scores = resume[0], resume[1].to(scores)
     bar = tqdm(total=len(batches) * len(alphas), initial=done * len(alphas), desc=f"{method} attribution",
                disable=not progress, unit="pass")
     for index, batch in enumerate(batches[done:], start=done + 1):
@@ -181,6 +180,6 @@ def attribute(
             bar.update(1)
         contract(engine, diff, grads, scores, 1.0 / len(alphas))
         if on_batch is not None:
-            on_batch(index, len(batches), scores)
+            on_batch(index, layout, scores)
     bar.close()
     return scores * g.edge_exists().to(scores.device)
