@@ -21,7 +21,7 @@ from kcircuits import __version__
 from kcircuits.ablation import check_ablation, mean_activations
 from kcircuits.batching import ANSWER_SCORING, Batch, make_batches
 from kcircuits.data import build_prompts, load_dataset, split_samples
-from kcircuits.discover.eap import METHODS, attribute
+from kcircuits.discover.eap import METHODS, attribute, integration_points
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import CURVE_PERCENTS, Evaluator, random_circuit, select, select_by_threshold
@@ -172,8 +172,7 @@ def discover(
     that fraction of the relation's subjects and evaluated on the rest.
     """
     _validate(method, metric, ablation, answer_scoring, "threshold" if threshold is not None else selection)
-    if method == "eap-ig" and steps < 1:
-        raise KcircuitsError("EAP-IG needs at least 1 step (--steps)")
+    integration_points(method, steps)  # a bad step count fails before the model loads
     if batch_size < 1:
         raise KcircuitsError("batch size must be >= 1")
     if split is not None and not 0 < split < 1:

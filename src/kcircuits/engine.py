@@ -338,8 +338,10 @@ class _Patcher:
             rows = [u for u in range(start, stop) if u in self._compact]
             if rows:
                 first = self._compact[rows[0]]  # needed rows of one chunk are consecutive in the buffer
-                picked = (delta[[u - start for u in rows]] if total is None
-                          else out - self.ablated[rows] if self.ablated is not None else out)
+                if total is None:  # out held every source: pick the needed deltas
+                    picked = delta[[u - start for u in rows]]
+                else:  # out held only the needed sources
+                    picked = out if self.ablated is None else out - self.ablated[rows]
                 self.buf[first : first + len(rows)] = picked
         self._running = self._running + total_delta
         self.prefix[stop] = self._running

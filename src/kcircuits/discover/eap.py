@@ -32,7 +32,8 @@ from kcircuits.metrics import Metric, check_finite, get_metric
 METHODS = ("eap", "eap-ig", "clean-corrupted")
 
 
-def _alphas(method: str, steps: int) -> list[float]:
+def integration_points(method: str, steps: int) -> list[float]:
+    """The α of every gradient a method averages (raises a clear error for a bad method or step count)."""
     if method == "eap":
         return [1.0]
     if method == "eap-ig":
@@ -52,11 +53,8 @@ class _DestinationWeights:
     def __init__(self, engine: Engine):
         self.weights, self.row_sums = [], []
         for blk in engine.w.blocks:
-            a = blk.attn
-            W_Q = engine._heads(a.W_Q, a.n_heads)
-            W_K, _ = engine._kv_weights(a, a.W_K, None)
-            W_V, _ = engine._kv_weights(a, a.W_V, None)
-            W = (torch.cat([W_Q, W_K, W_V]) * blk.ln1.weight).detach().float().contiguous()
+            per_group = [W for _, W, _ in engine._dest_groups(blk.attn)]  # q, k, v destination rows
+            W = (torch.cat(per_group) * blk.ln1.weight).detach().float().contiguous()
             self.weights.append(W)
             self.row_sums.append(W.sum(-1))
 
@@ -145,7 +143,7 @@ def attribute(
     batch, and ``resume=(done, partial_scores, layout)`` continues from such a checkpoint. ``layout``
     (the prompts per pass, e.g. ``"8,8,3"``) must match, else the checkpoint is ignored.
     """
-    alphas = _alphas(method, steps)
+    alphas = integration_points(method, steps)
     check_ablation(ablation)
     metric_fn = get_metric(metric) if isinstance(metric, str) else metric
     n_total = sum(len(b) for b in batches)
