@@ -45,6 +45,17 @@ def test_discover_writes_complete_run_folder(tiny, tmp_path):
     assert cfg["reproduce"]["ablation"] == "corrupt"
     html = (res.folder / "report.html").read_text()
     assert "<svg" in html and "country_capital" in html and "http://www.w3.org/2000/svg" in html
+    # the explanation: logit lens on the test prompts (clean and circuit-only), head roles, composition
+    lens = json.loads((res.folder / "lens.json").read_text())
+    n_explained = min(len(test), SMALL.get("explain_prompts", 16))
+    assert len(lens["prompts"]) == n_explained and set(lens["prompts"]) <= test
+    assert len(lens["clean"]["layer_rank"][0]) == res.circuit.graph.n_layers + 1
+    assert len(lens["circuit"]["node_rank"][0]) == res.circuit.graph.n_src
+    roles = json.loads((res.folder / "roles.json").read_text())
+    assert len(roles["heads"]) == res.circuit.graph.n_layers * res.circuit.graph.n_heads
+    assert sum(roles["counts"].values()) == len(roles["heads"])
+    comp = json.loads((res.folder / "composition.json").read_text())
+    assert comp["n_edges"] == res.circuit.n_edges and comp["n_nodes"] == len(res.circuit.nodes())
 
 
 def test_rerun_reuses_finished_steps_and_resumes_after_crash(tiny, tmp_path, monkeypatch):

@@ -11,20 +11,28 @@ import hashlib
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from kcircuits import __version__
 from kcircuits.ablation import check_ablation, mean_activations
+from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
 from kcircuits.batching import ANSWER_SCORING, Batch, make_batches
 from kcircuits.data import build_prompts, load_dataset, split_samples
 from kcircuits.discover.eap import METHODS, attribute, integration_points
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.evaluate import CURVE_PERCENTS, Evaluator, random_circuit, select, select_by_threshold
+from kcircuits.evaluate import (
+    CURVE_PERCENTS,
+    Evaluator,
+    random_circuit,
+    select,
+    select_by_threshold,
+)
+from kcircuits.explain import Explanation, explain
 from kcircuits.graph import Circuit, Graph
 from kcircuits.metrics import METRICS, answer_rank
 from kcircuits.models import LoadedModel, load_model
@@ -160,6 +168,8 @@ def discover(
     n_random: int = 3,
     grouped: bool = True,
     export_mib: bool = False,
+    explain_prompts: int = 16,
+    thresholds: RoleThresholds | None = None,
     device: str | None = "cpu",
     dtype: str = "float32",
     seed: int = 0,
@@ -169,7 +179,8 @@ def discover(
 
     The circuit size is ``n_edges``, or ``percent`` of all edges, or every edge scoring at least
     ``threshold`` (default: 1% of the edges). With ``split`` (e.g. 0.5) the circuit is found on
-    that fraction of the relation's subjects and evaluated on the rest.
+    that fraction of the relation's subjects and evaluated on the rest. The first
+    ``explain_prompts`` test prompts (0: none) are explained: logit lens, head roles, composition.
     """
     _validate(method, metric, ablation, answer_scoring, "threshold" if threshold is not None else selection)
     integration_points(method, steps)  # a bad step count fails before the model loads
@@ -182,7 +193,8 @@ def discover(
                      ablation=ablation, selection=selection, n_edges=n_edges, percent=percent, threshold=threshold,
                      absolute=absolute, split=split, known_only=known_only, known_k=known_k,
                      answer_scoring=answer_scoring, max_pairs=max_pairs, templates=templates, grouped=grouped,
-                     dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random)
+                     dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random,
+                     explain_prompts=explain_prompts, thresholds=asdict(thresholds or RoleThresholds()))
     load_dataset(relation)  # fail on a bad relation before anything is loaded or written
     folder = Path(out) if out else default_run_dir("discover", [Path(relation).stem, Path(model_name).name, method], reproduce)
     torch.manual_seed(seed)
@@ -236,9 +248,36 @@ def discover(
                                    n_random=n_random, seed=seed, progress=progress)
         run.write_json("metrics.json", metrics)
 
-    # 5. report
-    write_report(run.file("report.html"), build_report(run.config, circuit, metrics, sets, graph))
+    # 5. explanation: logit lens (clean and circuit-only), head roles, composition, on the test prompts
+    view = None
+    if explain_prompts:
+        ex = explain_circuit(engine, lm, circuit, tested_on.pairs[:explain_prompts],
+                             answer_range_of([p for s in sets.values() for p in s.pairs]), ablation=ablation,
+                             batch_size=batch_size, thresholds=thresholds)
+        run.write_json("lens.json", ex.lens_json(lm.tokenizer))
+        run.write_json("roles.json", ex.roles.to_json())
+        run.write_json("composition.json", ex.composition)
+        view = ex
+
+    # 6. report
+    write_report(run.file("report.html"), _report(run.config, circuit, metrics, sets, graph, scores, view, lm.tokenizer))
     return RunOutput(run.path, circuit, metrics, scores, sets)
+
+
+def explain_circuit(engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: list, answer_range: list[int], *,
+                    ablation: str, batch_size: int, thresholds: RoleThresholds | None) -> Explanation:
+    """:func:`kcircuits.explain.explain` with the model's tokenizer, padding and device."""
+    return explain(engine, lm.tokenizer, pairs, lm.pad_token_id, circuit=circuit, ablation=ablation,
+                   batch_size=batch_size, thresholds=thresholds, answer_range=answer_range, device=lm.device)
+
+
+def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Graph, scores: torch.Tensor | None,
+            ex: Explanation | None, tokenizer) -> dict:
+    """The report dict of a discover/evaluate run, with the explanation's sections when there is one."""
+    report = build_report(config, circuit, metrics, sets, graph)
+    if ex is not None:
+        report.update(ex.report_view(circuit))
+    return report
 
 
 PARTIAL_SCORES = "scores.partial.safetensors"
@@ -319,8 +358,9 @@ def evaluate(
         path = path / "circuit.json" if path.is_dir() else path
         if not path.exists():
             raise KcircuitsError(f"no circuit at {path}; pass a circuit.json or a discover run folder")
-        from kcircuits.io import read_json
         import json
+
+        from kcircuits.io import read_json
 
         try:
             circuit = Circuit.from_json(read_json(path))

@@ -132,8 +132,7 @@ class Engine:
     def _attend(self, blk: Block, q, k, v, cos, sin) -> torch.Tensor:
         """Causal attention; returns the per-head mixed values ``z [b, p, H, e]``."""
         a = blk.attn
-        if self.w.rotary is not None:
-            q, k = self.w.rotary.apply(q, cos, sin), self.w.rotary.apply(k, cos, sin)
+        q, k = self._rotate(q, k, cos, sin)
         extra = {}
         if k.shape[2] != a.n_heads:  # grouped-query attention: share each kv head across its group
             if _SDPA_GQA:
@@ -144,6 +143,33 @@ class Engine:
         z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=a.scale, **extra)
         return z.transpose(1, 2)
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.w.rotary is None:
+            return q, k
+        return self.w.rotary.apply(q, cos, sin), self.w.rotary.apply(k, cos, sin)
+
+    def attention_pattern(self, layer: int, capture: LayerCapture) -> torch.Tensor:
+        """Attention probabilities of one layer, recomputed from a captured run: ``[b, H, p, p]``
+        (query position, key position), causal.
+
+        The forward pass uses fused SDPA, which returns no weights; analyses that need them (head
+        roles, the viewer's attention bars) recompute them here from the captured q and k, with the
+        same rotary embedding and key sharing. Padding sits after every scored position, so the
+        causal mask alone keeps it out of the rows that matter.
+        """
+        a = self.w.blocks[layer].attn
+        q, k = capture.q, capture.k  # [b, p, H, e], [b, p, Hk, e]
+        p = q.shape[1]
+        cos = sin = None
+        if self.w.rotary is not None:
+            cos, sin = self.w.rotary.cos_sin(torch.arange(p, device=q.device))
+        q, k = self._rotate(q, k, cos, sin)
+        if k.shape[2] != a.n_heads:
+            k = k.repeat_interleave(a.n_heads // k.shape[2], dim=2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q.float(), k.float()) * a.scale
+        causal = torch.ones(p, p, dtype=torch.bool, device=q.device).tril()
+        return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
     # ------------------------------------------------------------------ the forward pass
     def run(

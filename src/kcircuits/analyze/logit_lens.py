@@ -29,6 +29,7 @@ class LensResult:
     layer_rank, layer_prob: ``[b, L + 1]`` for the residual stream after the embeddings (index 0)
                             and after every layer (the last entry is the model's own prediction).
     node_top:               ``[b, n_src, k]`` token ids of each node's top-k logits.
+    node_top_prob:          ``[b, n_src, k]`` their probabilities under the lens.
     """
 
     node_names: list[str]
@@ -37,6 +38,14 @@ class LensResult:
     layer_rank: torch.Tensor
     layer_prob: torch.Tensor
     node_top: torch.Tensor
+    node_top_prob: torch.Tensor
+
+    @classmethod
+    def cat(cls, parts: list[LensResult]) -> LensResult:
+        """Join the results of several batches along the prompt dimension."""
+        return cls(parts[0].node_names, *(torch.cat([getattr(p, f) for p in parts]) for f in
+                                          ("node_rank", "node_prob", "layer_rank", "layer_prob", "node_top",
+                                           "node_top_prob")))
 
     def first_layer_at_rank(self, k: int = 1) -> torch.Tensor:
         """Per prompt, the first residual position (0 = embeddings, l = after layer l) where the
@@ -55,17 +64,20 @@ class LensResult:
             "layer_rank": self.layer_rank.tolist(),
             "layer_prob": self.layer_prob.tolist(),
             "node_top": [[decode(row) for row in prompt.tolist()] for prompt in self.node_top],
+            "node_top_prob": self.node_top_prob.tolist(),
         }
 
 
 def _read(engine: Engine, hidden: torch.Tensor, answer: torch.Tensor, k: int):
-    """hidden ``[..., d]`` -> (rank ``[...]``, prob ``[...]``, top-k ids ``[..., k]``); answer broadcasts."""
+    """hidden ``[..., d]`` -> (rank ``[...]``, prob ``[...]``, top-k ids and probs ``[..., k]``); answer broadcasts."""
     w = engine.w
     logits = F.linear(w.ln_final(hidden), w.W_U, w.b_U).float()
     target = logits.gather(-1, answer[..., None].expand(*logits.shape[:-1], 1))
     rank = (logits > target).sum(-1) + 1
-    prob = torch.softmax(logits, -1).gather(-1, answer[..., None].expand(*logits.shape[:-1], 1))[..., 0]
-    return rank, prob, logits.topk(k, dim=-1).indices
+    probs = torch.softmax(logits, -1)
+    prob = probs.gather(-1, answer[..., None].expand(*logits.shape[:-1], 1))[..., 0]
+    top_prob, top = probs.topk(k, dim=-1)
+    return rank, prob, top, top_prob
 
 
 @torch.no_grad()
@@ -87,7 +99,7 @@ def logit_lens(engine: Engine, batch: Batch, *, circuit: Circuit | None = None, 
     rows = torch.arange(len(batch), device=pos.device)
     at_answer = acts[:, rows, pos]  # [n_src, b, d]
     answer = batch.target_ids[:, 0]
-    node_rank, node_prob, node_top = _read(engine, at_answer, answer[None, :], top_k)
+    node_rank, node_prob, node_top, node_top_prob = _read(engine, at_answer, answer[None, :], top_k)
     # residual after the embeddings and after each layer: cumulative sums over whole layers, plus
     # the attention output biases, which belong to no source
     bounds = [1] + [g.src_index_mlp(layer) + 1 for layer in range(g.n_layers)]
@@ -96,6 +108,6 @@ def logit_lens(engine: Engine, batch: Batch, *, circuit: Circuit | None = None, 
     for blk in w.blocks:
         biases.append(biases[-1] + (blk.attn.b_O if blk.attn.b_O is not None else 0))
     resid = cumulative + torch.stack(biases)[:, None, :]
-    layer_rank, layer_prob, _ = _read(engine, resid, answer[None, :], 1)
+    layer_rank, layer_prob, _, _ = _read(engine, resid, answer[None, :], 1)
     return LensResult(g.src_names, node_rank.T.cpu(), node_prob.T.cpu(), layer_rank.T.cpu(), layer_prob.T.cpu(),
-                      node_top.permute(1, 0, 2).cpu())
+                      node_top.permute(1, 0, 2).cpu(), node_top_prob.permute(1, 0, 2).cpu())
