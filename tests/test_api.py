@@ -110,6 +110,10 @@ def test_evaluate_circuit_on_several_relations(tiny, tmp_path):
                        batch_size=4, n_random=1, progress=False)
     assert set(res.metrics["sets"]) == {"country_capital", "city_in_country"}
     assert (res.folder / "report.html").exists() and (res.folder / "metrics_city_in_country.json").exists()
+    lens = json.loads((res.folder / "lens.json").read_text())  # explained on the first relation's prompts
+    assert len(lens["prompts"]) == 6 and "The capital" in " ".join(lens["prompts"])
+    comp = json.loads((res.folder / "composition.json").read_text())
+    assert comp["n_edges"] == found.circuit.n_edges
     # the same circuit on the same prompts gives the same faithfulness as at discovery
     again = api.evaluate(found.folder, ["country_capital"], tiny, out=tmp_path / "e2", max_pairs=8, batch_size=4,
                          n_random=0, progress=False)

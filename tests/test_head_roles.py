@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
 
 from kcircuits.analyze.head_roles import (
     OTHER,
@@ -17,7 +16,7 @@ from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import from_hf
 from tests.conftest import FAMILIES, tiny_hf
-from tests.helpers import Pair, random_batch
+from tests.helpers import Pair, blank_gpt2, random_batch
 
 V = D = 24  # one-hot token directions
 E = 6  # head dim: 4 heads
@@ -42,18 +41,9 @@ def _hand_built_model():
     """Layer 0 is off; layer 1 has four heads, all with a constant query (bias) so that keys decide:
     h0 (mover) attends to subject tokens and copies them; h1 (relation) attends to the relation token and
     writes the whole answer range; h2 (mixture) splits attention between the two and does both; h3 writes nothing."""
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=D, vocab_size=V, n_positions=8, resid_pdrop=0, embd_pdrop=0,
-                     attn_pdrop=0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf = blank_gpt2(2, 4, D, V)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
         tr = hf.transformer
-        tr.wte.weight.copy_(torch.eye(V, D) * 4)
-        for blk in tr.h:
-            blk.ln_1.weight.fill_(1.0)
-            blk.ln_2.weight.fill_(1.0)
-        tr.ln_f.weight.fill_(1.0)
         W = torch.zeros(D, 3 * D)  # Conv1D [d_in, q | k | v]
         b = torch.zeros(3 * D)
         O = torch.zeros(D, D)  # c_proj [concat heads, d_out]

@@ -3,7 +3,6 @@
 import dataclasses
 
 import torch
-from transformers import GPT2Config, AutoModelForCausalLM
 
 from kcircuits.analyze import logit_lens
 from kcircuits.batching import make_batch
@@ -12,7 +11,7 @@ from kcircuits.graph import Circuit
 from kcircuits.metrics import answer_rank
 from kcircuits.models import from_hf
 from tests.conftest import tiny_model
-from tests.helpers import Pair, random_batch
+from tests.helpers import Pair, blank_gpt2, random_batch
 
 
 def test_last_layer_equals_model_prediction_and_shapes():
@@ -33,19 +32,10 @@ def test_last_layer_equals_model_prediction_and_shapes():
 def test_copying_head_is_found_by_node_lens():
     """A hand-built 1-layer model whose MLP is off and whose single head copies the subject token:
     the node lens must rank the subject first for the head, and not for the input at the last position."""
-    torch.manual_seed(0)
     V, d = 16, 16
-    cfg = GPT2Config(n_layer=1, n_head=1, n_embd=d, vocab_size=V, n_positions=8, resid_pdrop=0, embd_pdrop=0,
-                     attn_pdrop=0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf = blank_gpt2(1, 1, d, V)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
         tr = hf.transformer
-        tr.wte.weight.copy_(torch.eye(V, d) * 4)  # one-hot token directions
-        tr.wpe.weight.zero_()
-        for ln in (tr.h[0].ln_1, tr.h[0].ln_2, tr.ln_f):
-            ln.weight.fill_(1.0)
         # Conv1D columns: [q | k | v]. Key dim 0 is large only on token 1 (the "subject"); every query
         # has dim 0 = 1 (bias), so every position attends to the subject; the value copies the token.
         W = torch.zeros(d, 3 * d)

@@ -67,7 +67,7 @@ def full_report() -> dict:
 
 
 def _svgs(page: str) -> list[str]:
-    return re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+    return re.findall(r"<svg\b.*?</svg>", page, flags=re.DOTALL)
 
 
 def test_full_report_structure_and_escaping() -> None:

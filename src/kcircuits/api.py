@@ -75,15 +75,22 @@ def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
 
 
+@torch.no_grad()
+def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rank of each pair's first answer token (1 = top) and its own top token, ``[n]`` each."""
+    ranks, top = [], []
+    for batch in make_batches(pairs, pad_id, batch_size):
+        batch = batch.to(engine.w.W_E.device)
+        logits = engine.run(engine.embed(batch.clean), batch.target_pos).logits
+        ranks.append(answer_rank(logits, batch).cpu())
+        top.append(logits[:, 0].argmax(-1).cpu())
+    return torch.cat(ranks), torch.cat(top)
+
+
 def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int) -> tuple[list, int]:
     """Keep the pairs whose answer's first token the model ranks within ``top_k`` on the clean prompt."""
-    kept = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            batch = make_batches(chunk, pad_id, len(chunk))[0].to(engine.w.W_E.device)
-            ranks = answer_rank(engine.run(engine.embed(batch.clean), batch.target_pos).logits, batch)
-            kept += [p for p, r in zip(chunk, ranks.tolist()) if r <= top_k]
+    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size)
+    kept = [p for p, r in zip(pairs, ranks.tolist()) if r <= top_k]
     return kept, len(pairs) - len(kept)
 
 
@@ -274,7 +281,8 @@ def explain_circuit(engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: li
 def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Graph, scores: torch.Tensor | None,
             ex: Explanation | None, tokenizer) -> dict:
     """The report dict of a discover/evaluate run, with the explanation's sections when there is one."""
-    report = build_report(config, circuit, metrics, sets, graph)
+    report = build_report(config, circuit, metrics, sets, graph, scores=scores,
+                          node_details=ex.node_details(tokenizer) if ex is not None else None)
     if ex is not None:
         report.update(ex.report_view(circuit))
     return report
@@ -344,12 +352,15 @@ def evaluate(
     max_pairs: int | None = 64,
     batch_size: int = 8,
     n_random: int = 3,
+    explain_prompts: int = 16,
+    thresholds: RoleThresholds | None = None,
     device: str | None = "cpu",
     dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
 ) -> RunOutput:
-    """Evaluate an existing circuit (a ``circuit.json`` or a run folder) on the prompts of several relations."""
+    """Evaluate an existing circuit (a ``circuit.json`` or a run folder) on the prompts of several relations,
+    and explain it (logit lens, head roles, composition) on the first ``explain_prompts`` prompts of the first."""
     _validate("eap", metric, ablation, answer_scoring, "topn")
     if not relations:
         raise KcircuitsError("give at least one relation to evaluate on")
@@ -372,7 +383,8 @@ def evaluate(
                      circuit_sha256=hashlib.sha256("\n".join(edge_names).encode()).hexdigest(),
                      relations=list(relations), model=model_name, metric=metric, ablation=ablation,
                      answer_scoring=answer_scoring, known_only=known_only, known_k=known_k, max_pairs=max_pairs,
-                     dtype=dtype, seed=seed, n_random=n_random)
+                     dtype=dtype, seed=seed, n_random=n_random, explain_prompts=explain_prompts,
+                     thresholds=asdict(thresholds or RoleThresholds()))
     folder = Path(out) if out else default_run_dir("evaluate", [Path(model_name).name] + [Path(r).stem for r in relations][:3],
                                                    reproduce)
     for rel in relations:
@@ -402,5 +414,16 @@ def evaluate(
         run.write_json(f"metrics_{name}.json", per_relation[name])
     metrics = {"sets": per_relation}
     run.write_json("metrics.json", metrics)
-    write_report(run.file("report.html"), build_report(run.config, circuit, metrics, all_sets, g))
+    ex = None
+    if explain_prompts:  # the explanation on the first relation's prompts
+        first = Path(relations[0]).stem
+        ps = all_sets.get(first) or prepare_prompts(lm, engine, relations[0], split=None, known_only=known_only,
+                                                    known_k=known_k, max_pairs=max_pairs, seed=seed,
+                                                    batch_size=batch_size)["all"]
+        ex = explain_circuit(engine, lm, circuit, ps.pairs[:explain_prompts], answer_range_of(ps.pairs),
+                             ablation=ablation, batch_size=batch_size, thresholds=thresholds)
+        run.write_json("lens.json", ex.lens_json(lm.tokenizer))
+        run.write_json("roles.json", ex.roles.to_json())
+        run.write_json("composition.json", ex.composition)
+    write_report(run.file("report.html"), _report(run.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))
     return RunOutput(run.path, circuit, metrics, None, all_sets)

@@ -30,6 +30,51 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _thresholds_args(p: argparse.ArgumentParser) -> None:
+    """Head-role thresholds (docs/analysis.md has the criteria)."""
+    from kcircuits.analyze.head_roles import RoleThresholds
+
+    t = RoleThresholds()
+    g = p.add_argument_group("head-role thresholds")
+    g.add_argument("--subject-mass-min", type=float, default=t.subject_mass_min, help="mover: attention to the subject")
+    g.add_argument("--relation-mass-min", type=float, default=t.relation_mass_min, help="relation head: attention to the relation")
+    g.add_argument("--answer-z-min", type=float, default=t.answer_z_min, help="mover: z-score of the answer's direct effect")
+    g.add_argument("--specificity-min", type=float, default=t.specificity_min, help="mover: answer z minus range z")
+    g.add_argument("--range-z-min", type=float, default=t.range_z_min, help="relation head: z-score on the answer range")
+
+
+def _thresholds(args):
+    from kcircuits.analyze.head_roles import RoleThresholds
+
+    return RoleThresholds(args.subject_mass_min, args.relation_mass_min, args.answer_z_min, args.specificity_min,
+                          args.range_z_min)
+
+
+def _study_common(p: argparse.ArgumentParser, max_pairs: int) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
+    p.add_argument("--out", help="run folder (default: runs/<command>_<...>_<config hash>)")
+    p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig", "clean-corrupted"])
+    p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (m)")
+    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob"])
+    p.add_argument("--ablation", default="corrupt", choices=["corrupt", "zero", "mean"])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--edges", type=int, help="size of every circuit in edges")
+    size.add_argument("--percent", type=float, help="size of every circuit in percent of all edges (default 1)")
+    p.add_argument("--max-pairs", type=int, default=max_pairs, help="cap on prompt pairs per relation (0: no cap)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _study_kwargs(args) -> dict:
+    return dict(model=args.model, out=args.out, method=args.method, steps=args.steps, metric=args.metric,
+                ablation=args.ablation, n_edges=args.edges, percent=args.percent, max_pairs=args.max_pairs or None,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kcircuits", description="Find and measure knowledge circuits in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,12 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
     d.add_argument("--ungrouped", action="store_true", help="one k/v destination per query head (GQA models)")
     d.add_argument("--export-mib", action="store_true", help="also write circuit_mib.json (EAP-IG/MIB graph format)")
+    d.add_argument("--explain-prompts", type=int, default=16,
+                   help="explain the circuit on this many test prompts: logit lens, head roles (0: skip)")
     _common(d)
+    _thresholds_args(d)
 
     e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
     e.add_argument("circuit", help="a circuit.json or a discover run folder")
     e.add_argument("relations", nargs="+", help="relations to evaluate on")
+    e.add_argument("--explain-prompts", type=int, default=16,
+                   help="explain the circuit on this many prompts of the first relation (0: skip)")
     _common(e)
+    _thresholds_args(e)
+
+    c = sub.add_parser("compare", help="compare the circuits of several relations: overlap and cross-faithfulness")
+    c.add_argument("relations", nargs="+", help="two or more relations")
+    c.add_argument("--known-only", action="store_true", help="keep only samples the model answers right")
+    _study_common(c, 32)
+
+    st = sub.add_parser("study", help="studies that write a run folder with figures and a summary")
+    studies = st.add_subparsers(dest="study", required=True)
+    h = studies.add_parser("hallucination", help="right vs wrong answers within a relation: circuits, rank-by-layer "
+                                                 "traces, where the answer is lost, heads moving the wrong attribute")
+    h.add_argument("relation")
+    h.add_argument("--max-per-group", type=int, default=32, help="prompts analysed per group (right, wrong)")
+    h.add_argument("--min-per-group", type=int, default=4, help="fail when a group has fewer prompts")
+    h.add_argument("--top-heads", type=int, default=10, help="heads moving the wrong attribute to list")
+    _study_common(h, 96)
+    _thresholds_args(h)
+    i = studies.add_parser("icl", help="k = 0..4 demonstrations: accuracy, circuits, heads that appear only with "
+                                       "demonstrations and their ablation vs random heads")
+    i.add_argument("relation")
+    i.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="numbers of demonstrations (must include 0)")
+    i.add_argument("--template", type=int, default=0, help="index of the relation's template to use")
+    i.add_argument("--random-draws", type=int, default=5, help="random head sets ablated for comparison")
+    _study_common(i, 32)
 
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
@@ -74,8 +148,9 @@ def _discover(args) -> None:
                    threshold=args.threshold, absolute=not args.signed, split=args.split, known_only=args.known_only,
                    known_k=args.known_k, answer_scoring=args.answer_scoring, max_pairs=args.max_pairs or None,
                    templates=args.templates, batch_size=args.batch_size, curve=not args.no_curve,
-                   n_random=args.random_draws, grouped=not args.ungrouped, export_mib=args.export_mib, device=args.device, dtype=args.dtype,
-                   seed=args.seed, progress=not args.quiet)
+                   n_random=args.random_draws, grouped=not args.ungrouped, export_mib=args.export_mib,
+                   explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
+                   dtype=args.dtype, seed=args.seed, progress=not args.quiet)
     _print_result(res)
 
 
@@ -85,8 +160,38 @@ def _evaluate(args) -> None:
     res = evaluate(args.circuit, args.relations, args.model, out=args.out, metric=args.metric, ablation=args.ablation,
                    answer_scoring=args.answer_scoring, known_only=args.known_only, known_k=args.known_k,
                    max_pairs=args.max_pairs or None, batch_size=args.batch_size, n_random=args.random_draws,
-                   device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet)
+                   explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
+                   dtype=args.dtype, seed=args.seed, progress=not args.quiet)
     _print_result(res)
+
+
+def _compare(args) -> None:
+    from kcircuits.studies import compare
+
+    res = compare(args.relations, known_only=args.known_only, **_study_kwargs(args))
+    names = res["relations"]
+    width = max(len(n) for n in names) + 2
+    print(f"faithfulness of the row's circuit ({res['n_edges']} edges) on the column's prompts:")
+    print(" " * width + "".join(f"{n[:10]:>11}" for n in names))
+    for name, row in zip(names, res["faithfulness"]):
+        print(f"{name:<{width}}" + "".join(f"{v:>11.3f}" for v in row))
+    print(f"report: {res['folder']}/report.html")
+
+
+def _study(args) -> None:
+    from kcircuits import studies
+
+    if args.study == "hallucination":
+        res = studies.hallucination(args.relation, max_per_group=args.max_per_group, min_per_group=args.min_per_group,
+                                    top_heads=args.top_heads, thresholds=_thresholds(args), **_study_kwargs(args))
+        print(f"{res['n_right']} right, {res['n_wrong']} wrong; circuits share {res['overlap']['edge_jaccard']:.0%} "
+              "of their edges")
+    else:
+        res = studies.icl(args.relation, ks=args.ks, template=args.template, n_random=args.random_draws,
+                          **_study_kwargs(args))
+        print("accuracy by k: " + ", ".join(f"{k}: {v:.2f}" for k, v in res["accuracy"].items())
+              + f"; {len(res['new_heads'])} heads only with demonstrations")
+    print(f"report: {res['folder']}/report.html")
 
 
 def _print_result(res) -> None:
@@ -146,7 +251,8 @@ def _models(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"discover": _discover, "evaluate": _evaluate, "datasets": _datasets, "models": _models}
+    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study,
+                "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)
     except KcircuitsError as exc:

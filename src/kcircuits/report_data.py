@@ -6,7 +6,10 @@ the CLI's commands share one way of summarising a run.
 
 from __future__ import annotations
 
+import torch
+
 from kcircuits.graph import Circuit, Graph
+from kcircuits.report.viewer import viewer_payload
 
 
 def hits_rows(metrics: dict) -> list[dict]:
@@ -34,7 +37,12 @@ def curve_view(curve: dict | None) -> dict | None:
     return view
 
 
-def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dict, graph: Graph) -> dict:
+def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dict, graph: Graph, *,
+                 scores: torch.Tensor | None = None, node_details: dict | None = None) -> dict:
+    """The report dict. ``scores`` (the whole graph's ``[n_src, n_dst]`` attribution scores) and
+    ``node_details`` (logit lens, attention, head roles per node; see :mod:`kcircuits.report.viewer`)
+    feed the interactive circuit viewer, which is included whenever scores are given or the circuit
+    carries its own."""
     rep = config.get("reproduce", {})
     sets = metrics.get("sets", {})
     last = sets[list(sets)[-1]] if sets else {}
@@ -54,7 +62,7 @@ def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dic
         for k, v in ps.skipped.items():
             skipped[f"{ps.role}: {k}" if len(prompt_sets) > 1 else k] = v
     title_rel = rep.get("relation") or ", ".join(rep.get("relations", []))
-    return {
+    report = {
         "title": f"kcircuits {rep.get('command', '')}: {title_rel} on {rep.get('model')}",
         "summary": {k: v for k, v in summary.items() if v is not None},
         "circuit": circuit.to_json(),
@@ -64,3 +72,6 @@ def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dic
         "top_edges": [{"edge": f"{s}->{d}", "score": sc} for s, d, sc in circuit.edge_list()[:30]],
         "config": config,
     }
+    if scores is not None or circuit.scores is not None or node_details:
+        report["viewer"] = viewer_payload(graph, circuit, scores, node_details)
+    return report

@@ -73,6 +73,18 @@ def _sentence_start(template: str, subject_at: int) -> int:
     return max(ends, default=0)
 
 
+def token_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]] | None:
+    """Character span of every token of ``text`` (``ids`` its tokens), or None when the tokenizer
+    cannot give offsets or tokenises ``text`` differently from ``ids``."""
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        return None
+    if list(enc["input_ids"]) != list(ids):
+        return None
+    return [tuple(o) for o in enc["offset_mapping"]]
+
+
 def token_roles(tokenizer, pairs: Sequence, width: int) -> torch.Tensor:
     """Kind of every clean-prompt token, ``[b, width]`` long: SUBJECT, RELATION or OTHER.
 
@@ -90,13 +102,7 @@ def token_roles(tokenizer, pairs: Sequence, width: int) -> torch.Tensor:
             raise KcircuitsError(f"template {pair.template!r} has no '{{}}' for the subject")
         s0, s1 = at, at + len(pair.subject)
         start = _sentence_start(pair.template, at)
-        offsets = None
-        try:
-            enc = tokenizer(pair.clean_text, return_offsets_mapping=True)
-            if list(enc["input_ids"]) == list(pair.clean_ids):
-                offsets = enc["offset_mapping"]
-        except (NotImplementedError, TypeError, KeyError, ValueError):
-            offsets = None
+        offsets = token_offsets(tokenizer, pair.clean_text, pair.clean_ids)
         if offsets is None:  # slow tokenizer: the positions the corruption changed are the subject's
             diff = [a != b for a, b in zip(pair.clean_ids, pair.corrupt_ids)]
             out[i, :n] = torch.tensor([SUBJECT if d else RELATION for d in diff])
@@ -106,7 +112,7 @@ def token_roles(tokenizer, pairs: Sequence, width: int) -> torch.Tensor:
                 continue  # special token: other
             if a < s1 and b > s0:
                 out[i, t] = SUBJECT
-            elif a >= start or b > start:
+            elif b > start:
                 out[i, t] = RELATION
     return out
 
@@ -151,6 +157,23 @@ def _unembed_centred(engine: Engine, x: torch.Tensor, resid: torch.Tensor) -> to
     return u - u.mean(-1, keepdim=True)
 
 
+def answer_attention(engine: Engine, res, batch: Batch, layer: int) -> torch.Tensor:
+    """Attention of every head of ``layer`` from each prompt's answer position, ``[b, H, p]``, from a
+    run made with ``capture=True``."""
+    rows = torch.arange(len(batch), device=batch.clean.device)
+    return engine.attention_pattern(layer, res.layers[layer])[rows, :, batch.target_pos[:, 0]]
+
+
+@torch.no_grad()
+def attention_mass(engine: Engine, batch: Batch, token_mask: torch.Tensor) -> torch.Tensor:
+    """Attention mass each head puts on the tokens of ``token_mask`` ``[b, p]`` (bool) from the answer
+    position: ``[L * H, b]``, heads in graph order (``a0.h0, a0.h1, ...``)."""
+    res = engine.run(engine.embed(batch.clean), batch.target_pos, capture=True)
+    m = token_mask.to(batch.clean.device).float()
+    return torch.cat([torch.einsum("bhp,bp->hb", answer_attention(engine, res, batch, layer), m)
+                      for layer in range(engine.graph.n_layers)]).cpu()
+
+
 def _measure(engine: Engine, batch: Batch, kinds: torch.Tensor, in_range: torch.Tensor, answers: torch.Tensor):
     """Per-prompt numbers of every head for one batch: (name -> ``[n_heads, b]``, attention ``[n_heads, b, p]``)."""
     g = engine.graph
@@ -165,7 +188,7 @@ def _measure(engine: Engine, batch: Batch, kinds: torch.Tensor, in_range: torch.
                                                               "direct_effect", "answer_z", "range_z")}
     attention = []
     for layer in range(g.n_layers):
-        pattern = engine.attention_pattern(layer, res.layers[layer])[rows_idx, :, pos]  # [b, H, p]
+        pattern = answer_attention(engine, res, batch, layer)  # [b, H, p]
         mass = torch.einsum("bhp,bpk->hbk", pattern, onehot)  # [H, b, 3]
         first = g.src_index_head(layer, 0)
         u = _unembed_centred(engine, res.acts[first : first + g.n_heads, rows_idx, pos], resid)  # [H, b, V]

@@ -1,4 +1,4 @@
-"""Self-contained HTML report (inline SVG, no scripts, no network) for one kcircuits run."""
+"""Self-contained HTML report for one kcircuits run: inline SVG and the interactive circuit viewer's inline script; nothing fetched."""
 
 from kcircuits.report.html import render_report, write_report
 

@@ -1,9 +1,13 @@
 """Assemble ``report.html``: one self-contained page for one discovery/evaluation run.
 
-Everything is inline (CSS, SVG), nothing is fetched, so the page opens from a file:// URL, can be
-mailed or archived as one file, and shows the same thing years later. Every string that comes
-from the run (titles, node names, config values) goes through :func:`html.escape`; the page has
-no scripts. Sections whose key is absent from the report dict are left out.
+Everything is inline (CSS, SVG, and the circuit viewer's script and data), nothing is fetched, so
+the page opens from a file:// URL, can be mailed or archived as one file, and shows the same thing
+years later. Every string that comes from the run (titles, node names, config values) goes through
+:func:`html.escape`. The only scripts are the interactive circuit viewer's (present when the report
+dict has a ``"viewer"`` key, see :mod:`kcircuits.report.viewer`); its data is inline JSON with ``<``
+escaped, and it writes run strings into the page with ``textContent`` only. Without JavaScript the
+static SVG of the Circuit section still shows the circuit. Sections whose key is absent from the
+report dict are left out.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from kcircuits.io import atomic_write_text
+from kcircuits.report import explain_sections
 from kcircuits.report.svg import as_float, circuit_svg, curve_svg
+from kcircuits.report.viewer import viewer_section
 
 _CSS = """
 :root{color-scheme:light}
@@ -122,7 +129,19 @@ def _circuit(report: Mapping[str, Any]) -> str:
            "Blue: positive score, red: negative; width proportional to |score|. Hover a node or edge for details.")
     if note:
         cap += f' <span class="note">({escape(note)})</span>'
-    return _section("circuit", "Circuit", f'<figure><div class="scroll">{svg}</div><figcaption>{cap}</figcaption></figure>')
+    # the id lets the circuit viewer (when present and running) fold this static copy away
+    return _section("circuit", "Circuit",
+                    f'<figure id="kc-static-circuit"><div class="scroll">{svg}</div><figcaption>{cap}</figcaption></figure>')
+
+
+def _viewer(report: Mapping[str, Any]) -> str:
+    v = report.get("viewer")
+    if not isinstance(v, Mapping):
+        return ""
+    intro = ("<p>The circuit, interactive: hover an edge or node for its score, click a node for its details; the "
+             "slider re-selects the top n edges by |score| over the whole graph and prunes them exactly as "
+             "<code>kcircuits.graph.select_topn</code> + <code>prune</code> do.</p>")
+    return _section("viewer", "Circuit viewer", intro + viewer_section(dict(v)))
 
 
 def _num_text(v: Any) -> str:
@@ -171,12 +190,16 @@ def _config(report: Mapping[str, Any]) -> str:
 _SECTIONS: list[tuple[str, str, Callable[[Mapping[str, Any]], str]]] = [
     ("summary", "Summary", _summary),
     ("circuit", "Circuit", _circuit),
+    ("viewer", "Circuit viewer", _viewer),
     ("curve", "Faithfulness curve", _curve),
     ("hits", "Hits", _list_section("hits_table", "hits", "Hits@k: full model vs circuit")),
     ("top-edges", "Top edges", _list_section("top_edges", "top-edges", "Top edges")),
     ("skipped", "Skipped samples", _skipped),
     ("config", "Configuration", _config),
 ]
+# the analyses' sections (findings, logit lens, head roles, composition, comparison, figures) after the summary
+_SECTIONS[1:1] = explain_sections.SECTIONS[:1]
+_SECTIONS[-2:-2] = explain_sections.SECTIONS[1:]
 
 
 # --------------------------------------------------------------------------- public API

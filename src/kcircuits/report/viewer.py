@@ -1,0 +1,213 @@
+"""The interactive circuit viewer of ``report.html``: payload (Python side) and HTML section.
+
+:func:`viewer_payload` turns a graph, a circuit and the attribution scores into a JSON-able dict;
+:func:`viewer_section` renders it as one HTML fragment with the viewer's CSS, the payload as an
+inline ``<script type="application/json">`` and the viewer's JavaScript (``viewer.js``, read from
+the package), so the page still needs no network and opens from a file:// URL.
+
+Every edge of the graph is stored, sorted by decreasing |score| (NaN last), as three base64 arrays
+(source index, destination index, float32 score). The viewer re-selects from that order exactly as
+:func:`kcircuits.graph.select_topn` followed by :func:`kcircuits.graph.prune` do: the top n edges
+are a prefix of the stored order, and pruning keeps u -> v only when u is reachable from the input
+and v reaches the logits through ``Graph.dst_feeds``. See ``docs/viewer.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+
+from kcircuits.errors import KcircuitsError
+from kcircuits.graph import Circuit, Graph, prune
+
+FORMAT = "kcircuits-viewer/1"
+_SUFFIX = re.compile(r"<[qkv]>$")
+
+
+def _b64(arr: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii")
+
+
+def _index_array(values: np.ndarray, limit: int) -> dict:
+    """Little-endian uint16 when every index fits (halves the page size), else int32."""
+    dtype = "uint16" if limit <= 0xFFFF else "int32"
+    return {"dtype": dtype, "data": _b64(values.astype("<u2" if dtype == "uint16" else "<i4"))}
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None (JSON.parse rejects NaN), tensors/arrays become lists."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _clean(v.tolist())
+    if isinstance(v, np.ndarray):
+        return _clean(v.tolist())
+    if isinstance(v, (np.floating, np.integer)):
+        return _clean(v.item())
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    return str(v)
+
+
+def dst_node_name(name: str) -> str:
+    """The drawn node a destination belongs to: ``a3.h2<q>`` -> ``a3.h2``, ``a3.kv1<k>`` -> ``a3.kv1``."""
+    return _SUFFIX.sub("", name)
+
+
+def edge_order(graph: Graph, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) index tensors of every graph edge, by decreasing |score|, NaN last.
+
+    Ties keep the row-major (source, destination) order, so the order is deterministic.
+    """
+    src, dst = torch.nonzero(graph.edge_exists(), as_tuple=True)
+    key = scores[src, dst].double().abs()
+    key = torch.where(torch.isnan(key), torch.full_like(key, -1.0), key)
+    order = torch.argsort(-key, stable=True)
+    return src[order], dst[order]
+
+
+def _prefix_circuit(graph: Graph, src: torch.Tensor, dst: torch.Tensor, n: int, scores) -> Circuit:
+    edges = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
+    edges[src[:n], dst[:n]] = True
+    return Circuit(graph, edges, scores)
+
+
+def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, node_details: dict | None = None,
+                   max_edges: int = 50000) -> dict:
+    """Everything the viewer needs, as a JSON-able dict (see ``docs/viewer.md`` for the format).
+
+    ``scores``: ``[n_src, n_dst]`` attribution scores of the whole graph (``circuit.scores`` when
+    None). Without any scores only the circuit's edges are stored and live re-selection is off.
+    ``max_edges`` caps the stored edges (the strongest ones; the circuit's own edges are always
+    kept); the payload then says so and the slider stops at the cap.
+    """
+    if circuit.graph.describe() != graph.describe():
+        raise KcircuitsError("the circuit belongs to a different graph than the one given to the viewer")
+    if scores is None:
+        scores = circuit.scores
+    has_scores = scores is not None
+    if has_scores:
+        scores = scores.detach().float().cpu()
+        if scores.shape != (graph.n_src, graph.n_dst):
+            raise KcircuitsError(f"scores have shape {tuple(scores.shape)}, expected {(graph.n_src, graph.n_dst)}")
+        src, dst = edge_order(graph, scores)
+    else:  # circuit only, in row-major order
+        src, dst = torch.nonzero(circuit.edges, as_tuple=True)
+        scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
+    n_total = int(src.numel())
+    in_circ = circuit.edges[src, dst]
+    ranks = torch.nonzero(in_circ).flatten()
+    max_edges = max(int(max_edges), 0)
+    n_ordered = min(n_total, max_edges)
+    capped = n_ordered < n_total
+    if capped:  # keep the prefix, plus any circuit edge beyond it (appended, so the prefix stays exact)
+        extra = ranks[ranks >= n_ordered]
+        keep = torch.cat([torch.arange(n_ordered), extra])
+        src, dst = src[keep], dst[keep]
+        in_circ = in_circ[keep]
+        ranks = torch.nonzero(in_circ).flatten()
+    n_circuit = int(circuit.n_edges)
+    # the smallest n whose top-n + prune gives exactly this circuit (prune is monotone and idempotent,
+    # so 1 + the worst circuit rank is the only candidate); None when another rule selected it
+    n_init = None
+    if has_scores:
+        cand = int(ranks.max()) + 1 if ranks.numel() else 0
+        if cand <= n_ordered and torch.equal(prune(_prefix_circuit(graph, src, dst, cand, scores)).edges, circuit.edges):
+            n_init = cand
+    score_vals = scores[src, dst].numpy().astype("<f4")
+    finite = score_vals[np.isfinite(score_vals)]
+    notes = []
+    if capped:
+        notes.append(f"showing the {n_ordered:,} strongest of the graph's {n_total:,} edges: the slider stops there "
+                     f"(raise max_edges to store more)")
+    if not has_scores:
+        notes.append("no attribution scores were stored: the viewer shows the run's circuit and cannot re-select")
+    elif n_init is None and n_circuit:
+        notes.append("the run's circuit was not selected as top-n by |score| + prune (greedy, threshold or signed "
+                     "selection): it is shown first; the slider then re-selects by top-n + prune")
+    if finite.size < score_vals.size and has_scores:
+        notes.append(f"{score_vals.size - finite.size} edge score(s) are NaN: drawn grey and ranked last")
+    return {
+        "format": FORMAT,
+        "graph": graph.describe(),
+        "src_names": list(graph.src_names),
+        "dst_names": list(graph.dst_names),
+        "dst_kind": [graph.dst_kind(d) for d in range(graph.n_dst)],
+        "dst_feeds": [graph.dst_feeds(d) for d in range(graph.n_dst)],
+        "dst_node": [dst_node_name(n) for n in graph.dst_names],
+        "dst_owners": [[graph.src_names[s] for s in graph.dst_feeds(d)] or ["logits"] for d in range(graph.n_dst)],
+        "edges": {"n": int(src.numel()), "n_ordered": n_ordered, "n_total": n_total, "capped": capped,
+                  "src": _index_array(src.numpy(), graph.n_src), "dst": _index_array(dst.numpy(), graph.n_dst),
+                  "score": {"dtype": "float32", "data": _b64(score_vals)},
+                  "max_abs": float(np.abs(finite).max()) if finite.size else 0.0},
+        "has_scores": has_scores,
+        "circuit": {"n_edges": n_circuit, "ranks": {"dtype": "int32", "data": _b64(ranks.numpy().astype("<i4"))},
+                    "n_init": n_init},
+        "notes": notes,
+        "details": _clean(node_details) if node_details else None,
+    }
+
+
+def payload_json(payload: dict) -> str:
+    """The payload as JSON that is safe inside a ``<script>`` element: ``<``, ``>`` and ``&`` are
+    written as ``\\u003c``-style escapes (they can only occur inside JSON strings), so no string
+    from the run can close the element or open a comment."""
+    text = json.dumps(_clean(payload), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _asset(name: str) -> str:
+    return resources.files("kcircuits.report").joinpath(name).read_text(encoding="utf-8")
+
+
+def viewer_section(payload: dict) -> str:
+    """The viewer's HTML: controls, canvas, side panel, edge table, inline CSS, data and script."""
+    js = _asset("viewer.js")
+    if "</script" in js.lower():  # would end the inline script early
+        raise KcircuitsError("viewer.js must not contain '</script'")
+    return f"""<style>{_asset("viewer.css")}</style>
+<div class="kcv" id="kcv">
+<div class="kcv-bar">
+ <label class="kcv-nlab" title="select the n edges with the highest |score| over the whole graph, then prune (as kcircuits.graph.select_topn + prune)">top
+  <input type="range" id="kcv-n" min="0" max="0" value="0" aria-label="number of edges selected before pruning">
+  <input type="number" id="kcv-nbox" min="0" max="0" value="0" aria-label="number of edges selected before pruning"></label>
+ <span class="kcv-count" id="kcv-count"></span>
+ <span class="kcv-btns"><button type="button" data-act="circuit" title="back to the run's own circuit">run's circuit</button>
+ <button type="button" data-act="fit" title="fit the drawing into the view">fit</button>
+ <button type="button" data-act="svg">Download SVG</button>
+ <button type="button" data-act="png">Download PNG</button></span>
+</div>
+<div class="kcv-notes" id="kcv-notes"></div>
+<div class="kcv-main">
+ <div class="kcv-stage" id="kcv-stage"><canvas id="kcv-canvas"></canvas><canvas id="kcv-over"></canvas>
+  <div class="kcv-tip" id="kcv-tip" hidden></div>
+  <div class="kcv-help">wheel: zoom &middot; drag: pan &middot; click a node for details</div></div>
+ <aside class="kcv-panel" id="kcv-panel"><p class="kcv-muted">Click a node to see its details.</p></aside>
+</div>
+<div class="kcv-legend" id="kcv-legend"></div>
+<details class="kcv-tablebox" id="kcv-tablebox"><summary>Edge table</summary>
+ <div class="kcv-tbar"><input type="search" id="kcv-filter" placeholder="filter by node name, e.g. a3.h2 or m5"
+  aria-label="filter edges by node name"> <span id="kcv-tcount" class="kcv-muted"></span></div>
+ <div class="scroll"><table class="kcv-table" id="kcv-table"><thead><tr>
+  <th data-sort="rank">rank</th><th data-sort="src">source</th><th data-sort="dst">destination</th>
+  <th data-sort="kind">kind</th><th data-sort="score">score</th><th data-sort="abs">|score|</th></tr></thead>
+  <tbody></tbody></table></div>
+ <button type="button" id="kcv-more" hidden>show more rows</button>
+</details>
+<noscript><p class="note">The interactive viewer needs JavaScript; the drawing in the Circuit section above
+shows the same circuit without it.</p></noscript>
+</div>
+<script type="application/json" id="kcv-data">{payload_json(payload)}</script>
+<script>{js}</script>"""

@@ -1,0 +1,98 @@
+"""What every study does: open a run folder, find a circuit on a set of prompt pairs (scores kept
+in the folder so a rerun reuses them), and score circuits on other prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kcircuits.ablation import mean_activations
+from kcircuits.api import (
+    PARTIAL_SCORES,
+    _attribute_resumable,
+    _batches,
+    _environment,
+    _model,
+    _validate,
+)
+from kcircuits.discover.eap import integration_points
+from kcircuits.engine import Engine
+from kcircuits.errors import KcircuitsError
+from kcircuits.evaluate import Evaluator, select
+from kcircuits.graph import Circuit, Graph
+from kcircuits.models import LoadedModel
+from kcircuits.report import write_report
+from kcircuits.runs import RunFolder, default_run_dir
+
+
+def check_common(method: str, steps: int, metric: str, ablation: str, batch_size: int, percent: float | None,
+                 n_edges: int | None) -> None:
+    """Fail on bad settings before a model is loaded or a folder written."""
+    _validate(method, metric, ablation, "first_token", "topn")
+    integration_points(method, steps)
+    if batch_size < 1:
+        raise KcircuitsError("batch size must be >= 1")
+    if n_edges is not None and n_edges < 1:
+        raise KcircuitsError("--edges must be >= 1")
+    if percent is not None and not 0 < percent <= 100:
+        raise KcircuitsError(f"--percent must be in (0, 100], got {percent}")
+
+
+def open_run(kind: str, parts: list[str], reproduce: dict, out: str | Path | None, model: str | LoadedModel,
+             device, dtype: str, batch_size: int) -> tuple[RunFolder, LoadedModel, Engine]:
+    """Load the model first (a model that fails to load writes nothing), then bind the run folder."""
+    model_name = model.name if isinstance(model, LoadedModel) else model
+    folder = Path(out) if out else default_run_dir(kind, parts + [Path(model_name).name], reproduce)
+    lm = _model(model, device, dtype)
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
+                             "device": str(device)})
+    return run, lm, Engine(lm.weights, Graph.from_model(lm.weights))
+
+
+def n_edges_for(graph: Graph, n_edges: int | None, percent: float | None) -> int:
+    if n_edges is not None:
+        return n_edges
+    return max(1, round(graph.n_edges * (percent if percent is not None else 1.0) / 100))
+
+
+def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pairs: list, *, method: str, steps: int,
+                 metric: str, ablation: str, n_edges: int, batch_size: int, progress: bool) -> tuple[Circuit, torch.Tensor]:
+    """Attribution scores on ``pairs`` (saved as ``scores_<name>.safetensors``, reused on a rerun) and
+    the top-``n_edges`` circuit, pruned; also written as ``circuit_<name>.json``."""
+    if not pairs:
+        raise KcircuitsError(f"no prompt pairs to find the {name!r} circuit on")
+    file = f"scores_{name}.safetensors"
+    if run.has(file):
+        scores = run.read_tensors(file)["scores"]
+    else:
+        batches = _batches(lm, pairs, batch_size, "first_token")
+        mean = mean_activations(engine, batches) if ablation == "mean" else None
+        scores = _attribute_resumable(run, engine, batches, method=method, metric=metric, steps=steps,
+                                      ablation=ablation, mean=mean, progress=progress).cpu()
+        run.write_tensors(file, {"scores": scores})
+        run.file(PARTIAL_SCORES).unlink(missing_ok=True)
+    circuit = select(engine.graph, scores, n_edges)
+    if circuit.n_edges == 0:
+        raise KcircuitsError(f"the {name!r} circuit is empty after pruning; select more edges (--edges/--percent)")
+    run.write_json(f"circuit_{name}.json", circuit.to_json({"name": name, "n_prompts": len(pairs)}))
+    return circuit, scores
+
+
+def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], *, metric: str,
+                    ablation: str, batch_size: int, progress: bool) -> dict[str, float]:
+    """Faithfulness (ratio of means) of each circuit on ``pairs``; one evaluator shared by all circuits."""
+    batches = _batches(lm, pairs, batch_size, "first_token")
+    mean = mean_activations(engine, batches) if ablation == "mean" else None
+    ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
+    return {name: ev.evaluate(c)["faithfulness_of_means"] for name, c in circuits.items()}
+
+
+def head_nodes(circuit: Circuit) -> set[str]:
+    return {n for n in circuit.nodes() if n.startswith("a")}
+
+
+def finish(run: RunFolder, report: dict) -> None:
+    report.setdefault("config", run.config)
+    write_report(run.file("report.html"), report)
+

@@ -1,0 +1,205 @@
+"""When the model gets a fact wrong: where is the right answer lost, and who moves the wrong one?
+
+Within one relation, prompts split into those the model answers right (the answer's first token
+ranks 1) and wrong (anything else ranks first). The study then
+
+1. finds a circuit on each group and compares them (Jaccard on nodes and edges, each circuit's
+   faithfulness on both groups);
+2. traces the correct answer's rank layer by layer (logit lens of the residual stream) on both
+   groups, and on wrong prompts finds where it is *lost*: the last residual position where it has
+   its best rank (``peak``); it is lost at the next layer (``peak + 1``, layers counted from 1),
+   or never, when its best rank is at the output;
+3. lists the heads that move the wrong attribute: head roles measured with the model's wrong
+   prediction as "the answer" (direct effect on the wrong token, attention to the subject).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from kcircuits.analyze.compare import overlap
+from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
+from kcircuits.api import answer_ranks, prepare_prompts
+from kcircuits.data import load_dataset
+from kcircuits.errors import KcircuitsError
+from kcircuits.explain import Explanation, explain, layer_trace
+from kcircuits.models import LoadedModel
+from kcircuits.studies.common import (
+    check_common,
+    faithfulness_on,
+    find_circuit,
+    finish,
+    head_nodes,
+    n_edges_for,
+    open_run,
+)
+
+
+def lost_layers(layer_rank: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the layer (1-based) after which the answer never again reaches its best rank, or
+    -1 when its best rank is at the output. ``layer_rank`` is ``[n, L + 1]`` (index 0: embeddings)."""
+    L = layer_rank.shape[1] - 1
+    best = layer_rank.min(1, keepdim=True).values
+    at_best = layer_rank == best
+    peak = L - torch.flip(at_best, [1]).int().argmax(1)  # last residual index at the best rank
+    return torch.where(peak == L, torch.full_like(peak, -1), peak + 1)
+
+
+def _median(values: list[int]) -> float | None:
+    return float(torch.tensor(values, dtype=torch.float).median()) if values else None
+
+
+def hallucination(
+    relation: str = "country_capital",
+    model: str | LoadedModel = "smollm2-135m",
+    *,
+    out: str | Path | None = None,
+    method: str = "eap-ig",
+    steps: int = 5,
+    metric: str = "logit_diff",
+    ablation: str = "corrupt",
+    n_edges: int | None = None,
+    percent: float | None = None,
+    max_pairs: int | None = 96,
+    max_per_group: int = 32,
+    min_per_group: int = 4,
+    top_heads: int = 10,
+    thresholds: RoleThresholds | None = None,
+    batch_size: int = 8,
+    device: str | None = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Compare the model's right and wrong answers within one relation; write a run folder."""
+    check_common(method, steps, metric, ablation, batch_size, percent, n_edges)
+    if min_per_group < 1 or max_per_group < min_per_group:
+        raise KcircuitsError("need 1 <= --min-per-group <= --max-per-group")
+    load_dataset(relation)
+    thresholds = thresholds or RoleThresholds()
+    model_name = model.name if isinstance(model, LoadedModel) else model
+    reproduce = {"command": "study hallucination", "relation": relation, "model": model_name, "method": method,
+                 "steps": steps, "metric": metric, "ablation": ablation, "n_edges": n_edges, "percent": percent,
+                 "max_pairs": max_pairs, "max_per_group": max_per_group, "top_heads": top_heads,
+                 "thresholds": dataclasses.asdict(thresholds), "dtype": dtype, "seed": seed}
+    run, lm, engine = open_run("hallucination", [Path(relation).stem], reproduce, out, model, device, dtype, batch_size)
+    tok = lm.tokenizer
+    pairs = prepare_prompts(lm, engine, relation, split=None, known_only=False, known_k=1, max_pairs=max_pairs,
+                            seed=seed, batch_size=batch_size)["all"].pairs
+    ranks, top = answer_ranks(engine, pairs, lm.pad_token_id, batch_size)
+    right = [p for p, r in zip(pairs, ranks.tolist()) if r == 1][:max_per_group]
+    wrong_idx = [i for i, r in enumerate(ranks.tolist()) if r > 1][:max_per_group]
+    if len(right) < min_per_group or len(wrong_idx) < min_per_group:
+        raise KcircuitsError(
+            f"relation {relation!r}: the model answers {int((ranks == 1).sum())} of {len(pairs)} prompts right and "
+            f"{int((ranks > 1).sum())} wrong; the study needs at least {min_per_group} of each. Try another relation "
+            "(`kcircuits datasets`), a larger --max-pairs, or a lower --min-per-group")
+    wrong = [pairs[i] for i in wrong_idx]
+    predicted = [dataclasses.replace(pairs[i], answer_ids=[int(top[i])], object=tok.decode([int(top[i])]).strip())
+                 for i in wrong_idx]
+
+    size = n_edges_for(engine.graph, n_edges, percent)
+    common = dict(method=method, steps=steps, metric=metric, ablation=ablation, n_edges=size, batch_size=batch_size,
+                  progress=progress)
+    c_right, _ = find_circuit(run, "right", engine, lm, right, **common)
+    c_wrong, _ = find_circuit(run, "wrong", engine, lm, wrong, **common)
+    circuits = {"right": c_right, "wrong": c_wrong}
+    faith = {group: faithfulness_on(engine, lm, ps, circuits, metric=metric, ablation=ablation, batch_size=batch_size,
+                                    progress=progress) for group, ps in (("right", right), ("wrong", wrong))}
+    ov = overlap(c_right, c_wrong)
+
+    answer_range = answer_range_of(pairs) + [int(top[i]) for i in wrong_idx]
+    ex: dict[str, Explanation] = {
+        name: explain(engine, tok, ps, lm.pad_token_id, thresholds=thresholds, answer_range=answer_range,
+                      batch_size=batch_size, device=lm.device)
+        for name, ps in (("right", right), ("wrong", wrong), ("wrong_predicted", predicted))}
+    lost = lost_layers(ex["wrong"].lens.layer_rank).tolist()
+    wrong_emerges = ex["wrong_predicted"].lens.first_layer_at_rank(1).tolist()
+    movers = _wrong_movers(ex, c_wrong, thresholds, top_heads)
+
+    result = {
+        "relation": Path(relation).stem, "n_prompts": len(pairs), "n_right": int((ranks == 1).sum()),
+        "n_wrong": int((ranks > 1).sum()), "n_used": {"right": len(right), "wrong": len(wrong)}, "n_edges": size,
+        "overlap": {k: ov[k] for k in ("node_jaccard", "edge_jaccard", "shared_nodes", "shared_edges")},
+        "faithfulness": faith,
+        "heads_only_in_wrong_circuit": sorted(head_nodes(c_wrong) - head_nodes(c_right)),
+        "heads_only_in_right_circuit": sorted(head_nodes(c_right) - head_nodes(c_wrong)),
+        "trace": {"right": layer_trace(ex["right"].lens), "wrong": layer_trace(ex["wrong"].lens),
+                  "wrong_prediction_on_wrong_prompts": layer_trace(ex["wrong_predicted"].lens)},
+        "lost_at_layer": lost, "wrong_answer_settles_at": wrong_emerges,
+        "wrong_prompts": [{"prompt": p.clean_text, "answer": p.object, "predicted": q.object, "rank": int(ranks[i]),
+                           "lost_at_layer": lo}
+                          for p, q, i, lo in zip(wrong, predicted, wrong_idx, lost)],
+        "wrong_attribute_movers": movers,
+    }
+    run.write_json("hallucination.json", result)
+    run.write_json("roles_wrong_prediction.json", ex["wrong_predicted"].roles.to_json())
+    finish(run, _report(result, model_name))
+    result["folder"] = str(run.path)
+    return result
+
+
+def _wrong_movers(ex: dict[str, Explanation], c_wrong, thresholds: RoleThresholds, top: int) -> list[dict]:
+    """Heads that attend to the subject and raise the wrong prediction, by z-score on the wrong token."""
+    on_correct = {r["head"]: r for r in ex["wrong"].roles.rows}
+    in_circuit = head_nodes(c_wrong)
+    rows = [r for r in ex["wrong_predicted"].roles.rows if r["subject_mass"] >= thresholds.subject_mass_min
+            and r["answer_z"] > 0]
+    rows.sort(key=lambda r: -r["answer_z"])
+    return [{"head": r["head"], "role_for_wrong_token": r["role"], "subject_mass": r["subject_mass"],
+             "wrong_token_z": r["answer_z"], "wrong_token_direct_effect": r["direct_effect"],
+             "correct_token_z": on_correct[r["head"]]["answer_z"], "in_wrong_circuit": r["head"] in in_circuit}
+            for r in rows[:top]]
+
+
+def _report(res: dict, model_name: str) -> dict:
+    trace = res["trace"]
+    L = len(trace["right"]["median_rank"]) - 1
+    lost = [v for v in res["lost_at_layer"] if v >= 0]
+    hist = [sum(1 for v in res["lost_at_layer"] if v == layer) for layer in range(1, L + 1)]
+    settle = [v for v in res["wrong_answer_settles_at"] if v >= 0]
+    movers = res["wrong_attribute_movers"]
+    text = [
+        f"Of {res['n_prompts']} prompts of {res['relation']}, {model_name} answers {res['n_right']} right and "
+        f"{res['n_wrong']} wrong (first answer token ranked first or not); {res['n_used']['right']} right and "
+        f"{res['n_used']['wrong']} wrong prompts were analysed.",
+        (f"On wrong prompts the correct answer is lost at layer {_median(lost):.0f} (median over the "
+         f"{len(lost)} prompts where it peaks before the output; {len(res['lost_at_layer']) - len(lost)} never lose it, "
+         "they simply never rank it higher)." if lost else
+         "On wrong prompts the correct answer has its best rank at the output: it is never built up and then lost."),
+        (f"The wrong prediction settles at rank 1 after layer {_median(settle):.0f} (median)." if settle else
+         "The wrong prediction does not settle at rank 1 before the output in the logit lens."),
+        f"The circuits found on right and on wrong prompts share {res['overlap']['node_jaccard']:.0%} of their nodes "
+        f"and {res['overlap']['edge_jaccard']:.0%} of their edges (Jaccard, {res['n_edges']} edges each).",
+        ("Heads that attend to the subject and push the wrong answer most: " + ", ".join(
+            f"{m['head']} (z {m['wrong_token_z']:.1f}, subject attention {m['subject_mass']:.2f})" for m in movers[:3])
+         + "." if movers else "No head attends to the subject and raises the wrong answer (at the set thresholds)."),
+    ]
+    x = list(range(L + 1))
+    return {
+        "title": f"kcircuits study hallucination: {res['relation']} on {model_name}",
+        "summary": {"model": model_name, "relation": res["relation"], "right": res["n_right"], "wrong": res["n_wrong"],
+                    "node Jaccard (right vs wrong circuit)": res["overlap"]["node_jaccard"],
+                    "edge Jaccard": res["overlap"]["edge_jaccard"]},
+        "narrative": text,
+        "charts": [
+            {"title": "rank by layer", "x": x, "log_y": True, "x_label": "residual stream after layer (0 = embeddings)",
+             "y_label": "median rank", "series": {
+                 "correct answer, right prompts": trace["right"]["median_rank"],
+                 "correct answer, wrong prompts": trace["wrong"]["median_rank"],
+                 "wrong prediction, wrong prompts": trace["wrong_prediction_on_wrong_prompts"]["median_rank"]},
+             "caption": "Logit lens of the residual stream: where each answer rises and where the correct one falls."},
+            {"title": "where the correct answer is lost", "x": list(range(1, L + 1)), "x_label": "layer (1-based)",
+             "y_label": "wrong prompts", "series": {"lost at layer": hist}},
+        ],
+        "matrices": [{"title": "Faithfulness of each circuit (row) on each group's prompts (column)",
+                      "rows": ["right circuit", "wrong circuit"], "cols": ["right prompts", "wrong prompts"],
+                      "values": [[res["faithfulness"][g]["right"] for g in ("right", "wrong")],
+                                 [res["faithfulness"][g]["wrong"] for g in ("right", "wrong")]]}],
+        "tables": [{"title": "Heads that move the wrong attribute", "rows": movers,
+                    "caption": "Head roles measured with the model's wrong prediction as the answer."},
+                   {"title": "Wrong prompts", "rows": res["wrong_prompts"]}],
+    }

@@ -1,0 +1,147 @@
+"""Compare, hallucination and ICL studies end to end on a tiny model (real tokenizer, bundled relations)."""
+
+import json
+
+import pytest
+import torch
+
+from kcircuits import studies
+from kcircuits.analyze.compare import overlap
+from kcircuits.cli import main
+from kcircuits.engine import Engine
+from kcircuits.errors import KcircuitsError
+from kcircuits.graph import Circuit
+from kcircuits.models import load_model
+from kcircuits.studies.hallucination import lost_layers
+from kcircuits.studies.icl import (
+    _accuracy_with_heads_ablated,
+    _span_mask,
+    demonstrations,
+)
+
+FAST = dict(percent=20, batch_size=4, steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_smol_dir):
+    return load_model(tiny_smol_dir)
+
+
+def _circuit(folder, name):
+    return Circuit.from_json(json.loads((folder / f"circuit_{name}.json").read_text()))
+
+
+def test_compare_matrices_match_the_circuits(tiny, tmp_path):
+    res = studies.compare(["country_capital", "antonym"], tiny, out=tmp_path / "cmp", max_pairs=6, **FAST)
+    folder = tmp_path / "cmp"
+    a, b = _circuit(folder, "country_capital"), _circuit(folder, "antonym")
+    ov = overlap(a, b)
+    assert res["edge_jaccard"][0][1] == pytest.approx(ov["edge_jaccard"]) == pytest.approx(res["edge_jaccard"][1][0])
+    assert res["node_jaccard"][0][0] == 1.0 and res["edge_jaccard"][1][1] == 1.0
+    assert all(torch.isfinite(torch.tensor(row)).all() for row in res["faithfulness"])
+    saved = json.loads((folder / "compare.json").read_text())
+    assert saved["faithfulness"] == res["faithfulness"]
+    html = (folder / "report.html").read_text()
+    assert "Faithfulness of the row" in html and "country_capital" in html
+    with pytest.raises(KcircuitsError, match="at least two"):
+        studies.compare(["antonym"], tiny, out=tmp_path / "x", **FAST)
+    assert not (tmp_path / "x").exists()
+
+
+def test_lost_layers():
+    ranks = torch.tensor([[50, 9, 2, 7, 30],  # best (2) after layer 2, lost at layer 3
+                          [50, 40, 30, 20, 5],  # best at the output: never lost
+                          [3, 1, 1, 4, 8]])  # best reached last after layer 2
+    assert lost_layers(ranks).tolist() == [3, -1, 3]
+
+
+def test_hallucination_groups_and_report(tiny, tmp_path, monkeypatch):
+    """A random tiny model gets nothing right, so the model's answers are set: every other prompt right,
+    the rest 'predicting' token 42. The rest of the study runs for real."""
+    import importlib
+
+    hall = importlib.import_module("kcircuits.studies.hallucination")  # the module, not the function of that name
+
+    def fake_ranks(engine, pairs, pad_id, batch_size):
+        ranks = torch.tensor([1 if i % 2 == 0 else 5 for i in range(len(pairs))])
+        top = torch.tensor([p.answer_ids[0] if i % 2 == 0 else 42 for i, p in enumerate(pairs)])
+        return ranks, top
+
+    monkeypatch.setattr(hall, "answer_ranks", fake_ranks)
+    res = studies.hallucination("country_capital", tiny, out=tmp_path / "h", max_pairs=12, max_per_group=4,
+                                min_per_group=2, **FAST)
+    assert res["n_used"] == {"right": 4, "wrong": 4} and res["n_right"] == 6 and res["n_wrong"] == 6
+    n_layers = tiny.weights.n_layers
+    assert all(v == -1 or 1 <= v <= n_layers for v in res["lost_at_layer"]) and len(res["lost_at_layer"]) == 4
+    assert all(p["predicted"] == tiny.tokenizer.decode([42]).strip() for p in res["wrong_prompts"])
+    folder = tmp_path / "h"
+    ov = overlap(_circuit(folder, "right"), _circuit(folder, "wrong"))
+    assert res["overlap"]["edge_jaccard"] == pytest.approx(ov["edge_jaccard"])
+    roles = json.loads((folder / "roles_wrong_prediction.json").read_text())["heads"]
+    for m in res["wrong_attribute_movers"]:  # the listed heads are the wrong-token roles' top by z-score
+        row = next(r for r in roles if r["head"] == m["head"])
+        assert m["wrong_token_z"] == pytest.approx(row["answer_z"]) and row["subject_mass"] >= 0.3
+    html = (folder / "report.html").read_text()
+    assert "Findings" in html and "rank by layer" in html
+
+
+def test_hallucination_needs_both_groups(tiny, tmp_path):
+    with pytest.raises(KcircuitsError, match="right and"):
+        studies.hallucination("country_capital", tiny, out=tmp_path / "h", max_pairs=6, **FAST)
+    assert not (tmp_path / "h" / "hallucination.json").exists()
+
+
+def test_demonstration_spans_and_mask(smollm2_tokenizer):
+    from types import SimpleNamespace
+
+    tpl = "The capital of {} is"
+    prefix, spans = demonstrations(tpl, [{"subject": "Malta", "object": "Valletta"},
+                                         {"subject": "Peru", "object": "Lima"}])
+    assert prefix == "The capital of Malta is Valletta. The capital of Peru is Lima. "
+    assert [prefix[a:b] for a, b in spans] == ["Valletta", "Lima"]
+    text = prefix + tpl.replace("{}", "France")
+    ids = smollm2_tokenizer(text)["input_ids"]
+    mask = _span_mask(smollm2_tokenizer, [SimpleNamespace(clean_text=text, clean_ids=ids)], spans, len(ids) + 1)[0]
+    marked = "".join(smollm2_tokenizer.decode([i]) for i, m in zip(ids, mask) if m)
+    assert marked.replace(" ", "") == "VallettaLima" and not mask[-1]
+
+
+def test_icl_study(tiny, tmp_path):
+    res = studies.icl("country_capital", tiny, out=tmp_path / "icl", ks=(0, 1, 2), max_pairs=6, n_random=2, **FAST)
+    folder = tmp_path / "icl"
+    assert set(res["accuracy"]) == {"0", "1", "2"} and res["n_queries"] == 6
+    demo_subjects = {d["subject"] for d in res["demonstrations"]}
+    assert len(res["demonstrations"]) == 2 and len({d["object"] for d in res["demonstrations"]}) == 2
+    heads0 = {n for n in _circuit(folder, "k0").nodes() if n.startswith("a")}
+    for k in ("1", "2"):
+        heads_k = {n for n in _circuit(folder, f"k{k}").nodes() if n.startswith("a")}
+        assert res["new_heads_by_k"][k] == sorted(heads_k - heads0)
+    assert set(res["attention_to_demo_answers"]) == set(res["new_heads"])
+    assert all(0 <= v <= 1 for v in res["attention_to_demo_answers"].values())
+    if res["new_heads"]:
+        a = res["ablation"]
+        assert len(a["accuracy_random_heads_ablated"]) == 2 and 0 <= a["accuracy_new_heads_ablated"] <= 1
+    prompts = json.loads((folder / "icl.json").read_text())
+    assert prompts["template"] == "The capital of {} is" and not demo_subjects & set()
+    assert "accuracy by number of demonstrations" in (folder / "report.html").read_text()
+
+
+def test_ablating_no_heads_is_the_intact_model(tiny):
+    from kcircuits.ablation import mean_activations
+    from kcircuits.api import _batches, answer_ranks, prepare_prompts
+
+    eng = Engine(tiny.weights)
+    pairs = prepare_prompts(tiny, eng, "country_capital", split=None, known_only=False, known_k=1, max_pairs=6, seed=0,
+                            batch_size=4)["all"].pairs
+    batches = _batches(tiny, pairs, 4, "first_token")
+    ranks, _ = answer_ranks(eng, pairs, tiny.pad_token_id, 4)
+    intact = float((ranks == 1).float().mean())
+    assert _accuracy_with_heads_ablated(eng, batches, [], mean_activations(eng, batches)) == intact
+
+
+def test_cli_study_errors(tiny_smol_dir, tmp_path, capsys):
+    code = main(["study", "icl", "country_capital", "--model", tiny_smol_dir, "--ks", "1", "2", "--out",
+                 str(tmp_path / "i")])
+    assert code == 2 and "must include 0" in capsys.readouterr().err
+    code = main(["compare", "country_capital", "no_such_relation", "--model", tiny_smol_dir, "--out", str(tmp_path / "c")])
+    assert code == 2 and "no_such_relation" in capsys.readouterr().err
