@@ -67,3 +67,11 @@ def test_circuit_lens_full_circuit_equals_clean_and_empty_equals_corrupt():
     empty = logit_lens(eng, batch, circuit=Circuit(g, torch.zeros_like(g.edge_exists())), ablated=corrupt)
     corrupt_batch = dataclasses.replace(batch, clean=batch.corrupt)
     assert torch.equal(empty.layer_rank[:, -1], logit_lens(eng, corrupt_batch).layer_rank[:, -1])
+
+
+def test_layer_trace_without_node_lens_is_the_same():
+    eng = Engine(tiny_model("gpt2").weights)
+    batch = random_batch(3)
+    full, layers_only = logit_lens(eng, batch), logit_lens(eng, batch, nodes=False)
+    assert torch.equal(full.layer_rank, layers_only.layer_rank) and torch.equal(full.layer_prob, layers_only.layer_prob)
+    assert layers_only.node_rank.shape == (3, 0)

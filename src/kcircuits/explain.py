@@ -35,7 +35,7 @@ class Explanation:
     pairs: list
     lens: LensResult
     lens_circuit: LensResult | None
-    roles: RoleTable
+    roles: RoleTable | None
     composition: dict | None
     tokens: list[list[str]]  # decoded clean tokens of every prompt
 
@@ -52,13 +52,16 @@ class Explanation:
         trace = {"layers": list(range(self.lens.layer_rank.shape[1])), "clean": layer_trace(self.lens)}
         if self.lens_circuit is not None:
             trace["circuit"] = layer_trace(self.lens_circuit)
-        in_circuit = set(circuit.nodes()) if circuit is not None else None
-        rows = [dict(r, in_circuit=(r["head"] in in_circuit) if in_circuit is not None else None) for r in self.roles.rows]
-        shown = [r for r in rows if r["role"] != "none" or r["in_circuit"]]
-        shown.sort(key=lambda r: -abs(r["direct_effect"]))
-        return {"lens": trace, "roles": {"thresholds": self.roles.to_json()["thresholds"], "counts": self.roles.counts(),
-                                         "rows": shown[:60], "n_heads": len(rows)},
-                "composition": self.composition}
+        view = {"lens": trace, "composition": self.composition}
+        if self.roles is not None:
+            in_circuit = set(circuit.nodes()) if circuit is not None else None
+            rows = [dict(r, in_circuit=(r["head"] in in_circuit) if in_circuit is not None else None)
+                    for r in self.roles.rows]
+            shown = [r for r in rows if r["role"] != "none" or r["in_circuit"]]
+            shown.sort(key=lambda r: -abs(r["direct_effect"]))
+            view["roles"] = {"thresholds": self.roles.to_json()["thresholds"], "counts": self.roles.counts(),
+                             "rows": shown[:60], "n_heads": len(rows)}
+        return view
 
     def node_details(self, tokenizer, example: int = 0) -> dict:
         """The viewer's per-node panel for one example prompt (schema in docs/viewer.md)."""
@@ -72,7 +75,7 @@ class Explanation:
         nodes["logits"] = {"lens": {"answer_rank": int(lens.layer_rank[example, -1]),
                                     "answer_prob": float(lens.layer_prob[example, -1])}}
         n_tok = len(self.tokens[example])
-        for i, row in enumerate(self.roles.rows):
+        for i, row in enumerate(self.roles.rows if self.roles is not None else []):
             nodes[row["head"]]["attention"] = {"weights": self.roles.attention[i, example, :n_tok].tolist()}
             nodes[row["head"]]["role"] = {k: row[k] for k in ("role", "subject_mass", "relation_mass", "other_mass",
                                                              "direct_effect", "answer_z", "range_z", "specificity")}
@@ -99,8 +102,13 @@ def decode_tokens(tokenizer, pairs: list) -> list[list[str]]:
 @torch.no_grad()
 def explain(engine: Engine, tokenizer, pairs: list, pad_id: int, *, circuit: Circuit | None = None,
             ablation: str = "corrupt", batch_size: int = 8, thresholds: RoleThresholds | None = None,
-            answer_range: list[int] | None = None, top_k: int = 10, device: torch.device | str = "cpu") -> Explanation:
+            answer_range: list[int] | None = None, top_k: int = 10, device: torch.device | str = "cpu",
+            node_lens: bool = True, roles: bool = True) -> Explanation:
     """Logit lens (clean, and circuit-only when ``circuit`` is given), head roles and composition over ``pairs``.
+
+    ``node_lens=False`` keeps only the rank-by-layer trace of the lens, ``roles=False`` skips head
+    roles: the studies use this where they need only part of the picture (the node lens
+    unembeds every source, the dominant cost on a large vocabulary).
 
     The answer range for the relation-head criterion defaults to every answer of ``pairs`` (see
     :func:`answer_range_of`); pass the relation's full range when ``pairs`` is a small sample.
@@ -115,11 +123,12 @@ def explain(engine: Engine, tokenizer, pairs: list, pad_id: int, *, circuit: Cir
     for batch in batches:
         chunk = pairs[start : start + len(batch)]
         start += len(batch)
-        lens.append(logit_lens(engine, batch, top_k=top_k))
+        lens.append(logit_lens(engine, batch, top_k=top_k, nodes=node_lens))
         if circuit is not None:
             abl = ablated_acts(engine, batch, ablation, mean)
-            lens_circ.append(logit_lens(engine, batch, circuit=circuit, ablated=abl, top_k=top_k))
+            lens_circ.append(logit_lens(engine, batch, circuit=circuit, ablated=abl, top_k=top_k, nodes=node_lens))
         kinds.append(token_roles(tokenizer, chunk, batch.clean.shape[1]))
-    roles = head_roles(engine, batches, kinds, answer_range or answer_range_of(pairs), thresholds=thresholds)
-    return Explanation(list(pairs), LensResult.cat(lens), LensResult.cat(lens_circ) if lens_circ else None, roles,
+    table = (head_roles(engine, batches, kinds, answer_range or answer_range_of(pairs), thresholds=thresholds)
+             if roles else None)
+    return Explanation(list(pairs), LensResult.cat(lens), LensResult.cat(lens_circ) if lens_circ else None, table,
                        composition(circuit) if circuit is not None else None, decode_tokens(tokenizer, pairs))

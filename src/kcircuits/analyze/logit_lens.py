@@ -82,14 +82,15 @@ def _read(engine: Engine, hidden: torch.Tensor, answer: torch.Tensor, k: int):
 
 @torch.no_grad()
 def logit_lens(engine: Engine, batch: Batch, *, circuit: Circuit | None = None, ablated: torch.Tensor | None = None,
-               top_k: int = 10) -> LensResult:
+               top_k: int = 10, nodes: bool = True) -> LensResult:
     """Logit lens at the first answer position of every prompt in ``batch``.
 
     Without ``circuit``: the clean run. With ``circuit``: the patched pass in which edges outside
     the circuit carry ``ablated`` (the corrupted run's source outputs, or None for zero ablation).
     A node's output in the patched pass is computed from its own, possibly patched, inputs; the
     residual after layer l is the sum of those outputs (what a destination keeping every edge
-    would read).
+    would read). ``nodes=False`` skips the node lens (its fields are then ``[b, 0]``): the layer
+    trace alone costs ``L + 1`` unembeddings per prompt instead of ``n_src + L + 1``.
     """
     g, w = engine.graph, engine.w
     embeds = engine.embed(batch.clean)
@@ -99,7 +100,8 @@ def logit_lens(engine: Engine, batch: Batch, *, circuit: Circuit | None = None, 
     rows = torch.arange(len(batch), device=pos.device)
     at_answer = acts[:, rows, pos]  # [n_src, b, d]
     answer = batch.target_ids[:, 0]
-    node_rank, node_prob, node_top, node_top_prob = _read(engine, at_answer, answer[None, :], top_k)
+    node_rank, node_prob, node_top, node_top_prob = _read(engine, at_answer if nodes else at_answer[:0],
+                                                          answer[None, :], top_k)
     # residual after the embeddings and after each layer: cumulative sums over whole layers, plus
     # the attention output biases, which belong to no source
     bounds = [1] + [g.src_index_mlp(layer) + 1 for layer in range(g.n_layers)]

@@ -55,6 +55,9 @@ def line_svg(chart: Mapping[str, Any], w: float = 720.0, h: float = 320.0) -> st
     x0, x1 = min(valid_x), max(valid_x)
     x1 = x1 if x1 > x0 else x0 + 1
     y0, y1, yt = _ticks(min(values), max(values))
+    if log_y and math.ceil(max(values)) - math.floor(min(values)) >= 1:  # decades: 1, 10, 100, ...
+        y0, y1 = math.floor(min(values)), math.ceil(max(values))
+        yt = list(range(y0, y1 + 1))
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (w - left - right)
@@ -64,10 +67,12 @@ def line_svg(chart: Mapping[str, Any], w: float = 720.0, h: float = 320.0) -> st
 
     out = [_svg_open("kc-line", w, h, escape(str(chart.get("title", "chart")))), f"<style>{_STYLE}</style>"]
     for t in yt:
-        label = f"{10 ** t:g}" if log_y else f"{t:g}"
+        label = f"{10 ** t:.3g}" if log_y else f"{t:g}"
         out.append(f'<line class="grid" x1="{fmt(left)}" y1="{fmt(sy(t))}" x2="{fmt(w - right)}" y2="{fmt(sy(t))}"/>')
         out.append(f'<text class="sm" x="{fmt(left - 6)}" y="{fmt(sy(t) + 3.5)}" text-anchor="end">{escape(label)}</text>')
     _, _, xt = _ticks(x0, x1)
+    if all(float(x).is_integer() for x in valid_x):  # layers, k: integer ticks only
+        xt = [t for t in xt if float(t).is_integer()] or [x0, x1]
     for t in xt:
         if x0 <= t <= x1:
             out.append(f'<text class="sm" x="{fmt(sx(t))}" y="{fmt(h - bottom + 16)}" text-anchor="middle">{t:g}</text>')

@@ -112,9 +112,9 @@ def hallucination(
     ov = overlap(c_right, c_wrong)
 
     answer_range = answer_range_of(pairs) + [int(top[i]) for i in wrong_idx]
-    ex: dict[str, Explanation] = {
+    ex: dict[str, Explanation] = {  # rank-by-layer traces; head roles where the study reads them
         name: explain(engine, tok, ps, lm.pad_token_id, thresholds=thresholds, answer_range=answer_range,
-                      batch_size=batch_size, device=lm.device)
+                      batch_size=batch_size, device=lm.device, node_lens=False, roles=name != "right")
         for name, ps in (("right", right), ("wrong", wrong), ("wrong_predicted", predicted))}
     lost = lost_layers(ex["wrong"].lens.layer_rank).tolist()
     wrong_emerges = ex["wrong_predicted"].lens.first_layer_at_rank(1).tolist()
