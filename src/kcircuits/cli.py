@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="numbers of demonstrations (must include 0)")
     i.add_argument("--template", type=int, default=0, help="index of the relation's template to use")
     i.add_argument("--random-draws", type=int, default=5, help="random head sets ablated for comparison")
-    _study_common(i, 32)
+    _study_common(i, 24)
 
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")

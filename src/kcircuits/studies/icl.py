@@ -86,7 +86,7 @@ def icl(
     ablation: str = "corrupt",
     n_edges: int | None = None,
     percent: float | None = None,
-    max_pairs: int | None = 32,
+    max_pairs: int | None = 24,
     n_random: int = 5,
     batch_size: int = 8,
     device: str | None = "cpu",
@@ -206,7 +206,9 @@ def _report(res: dict, model_name: str) -> dict:
         text.append("No head enters the circuit only with demonstrations at this circuit size.")
     tables = [{"title": "Heads that appear only with demonstrations",
                "rows": [{"head": h, "attention_to_demo_answers": res["attention_to_demo_answers"][h],
-                         "first_k": next(int(k) for k, v in res["new_heads_by_k"].items() if h in v)} for h in new]}]
+                         "first_k": next(int(k) for k, v in res["new_heads_by_k"].items() if h in v)}
+                        for h in sorted(new, key=lambda h: -res["attention_to_demo_answers"][h])],
+               "caption": "By attention from the answer position to the demonstrations' answer tokens."}]
     if res["ablation"]:
         a = res["ablation"]
         tables.append({"title": "Accuracy after ablation", "rows": [
