@@ -1,4 +1,5 @@
-"""The ``kcircuits`` command. Each subcommand is a thin wrapper over the Python API (:mod:`kcircuits.api`).
+"""The ``kcircuits`` command. Each subcommand is a thin wrapper over the Python API (:mod:`kcircuits.api`,
+:mod:`kcircuits.studies`, :mod:`kcircuits.influence.api`).
 
 Bad input prints one line ``kcircuits: error: ...`` on stderr and exits with code 2.
 """
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--random-draws", type=int, default=5, help="random head sets ablated for comparison")
     _study_common(i, 24)
 
+    from kcircuits.influence.cli import add_parser as add_influence
+
+    add_influence(sub)
+
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
 
@@ -194,6 +199,12 @@ def _study(args) -> None:
     print(f"report: {res['folder']}/report.html")
 
 
+def _influence(args) -> None:
+    from kcircuits.influence.cli import run
+
+    run(args)
+
+
 def _print_result(res) -> None:
     print(f"circuit: {res.circuit.n_edges} edges, {len(res.circuit.nodes())} nodes")
     for role, m in res.metrics["sets"].items():
@@ -251,7 +262,7 @@ def _models(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study,
+    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study, "influence": _influence,
                 "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)

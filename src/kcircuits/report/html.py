@@ -187,6 +187,12 @@ def _config(report: Mapping[str, Any]) -> str:
     return _section("config", "Configuration", body)
 
 
+def _influence(report: Mapping[str, Any]) -> str:
+    from kcircuits.report.influence_section import render_influence  # late: that module builds on this one
+
+    return render_influence(report)
+
+
 _SECTIONS: list[tuple[str, str, Callable[[Mapping[str, Any]], str]]] = [
     ("summary", "Summary", _summary),
     ("circuit", "Circuit", _circuit),
@@ -195,6 +201,7 @@ _SECTIONS: list[tuple[str, str, Callable[[Mapping[str, Any]], str]]] = [
     ("hits", "Hits", _list_section("hits_table", "hits", "Hits@k: full model vs circuit")),
     ("top-edges", "Top edges", _list_section("top_edges", "top-edges", "Top edges")),
     ("skipped", "Skipped samples", _skipped),
+    ("influence", "Influence", _influence),
     ("config", "Configuration", _config),
 ]
 # the analyses' sections (findings, logit lens, head roles, composition, comparison, figures) after the summary

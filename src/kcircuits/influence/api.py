@@ -1,0 +1,457 @@
+"""The Python API behind ``kcircuits influence fit|score``: influence functions end to end, into run folders.
+
+``fit``   = corpus -> curvature factors (EK-FAC by default) in ``<run>/factors/``; checkpointed after
+            every batch, so a rerun with the same folder resumes.
+``score`` = queries x corpus -> pairwise influence ``[n_query, n_train]`` -> ``scores.safetensors``,
+            ``influence.json`` (top sequences with their most influential tokens, the power-law tail,
+            influence by layer / circuit component, recall of known sources) and ``report.html``.
+
+Scores follow the core's sign convention: positive = upweighting the training sequence makes the
+completion more likely (it *supports* the answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kcircuits.errors import KcircuitsError
+from kcircuits.influence import analysis
+from kcircuits.influence.bm25 import BM25
+from kcircuits.influence.corpus import (
+    Document,
+    documents_to_sequences,
+    read_documents,
+    read_queries,
+)
+from kcircuits.influence.sequences import Sequences
+from kcircuits.io import read_json
+from kcircuits.models import LoadedModel, load_model
+from kcircuits.report import write_report
+from kcircuits.runs import RunFolder, default_run_dir
+
+FACTOR_STRATEGIES = ("ekfac", "kfac", "diagonal")
+SCORE_STRATEGIES = ("ekfac", "kfac", "diagonal", "identity", "lissa", "exact")
+SCORES_FILE = "scores.safetensors"
+RESULTS_FILE = "influence.json"
+
+
+@dataclass
+class Data:
+    """Sequences plus the documents they came from (``None`` when the caller passed Sequences)."""
+
+    seqs: Sequences
+    docs: list[Document] | None
+    origin: str  # file path, or "<Sequences>"
+
+    @property
+    def stem(self) -> str:
+        """Short name for default run folders."""
+        return "sequences" if self.docs is None else Path(self.origin).stem
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.id for d in self.docs] if self.docs else [str(i) for i in range(len(self.seqs))]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.seqs.input_ids, self.seqs.loss_mask):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class FitOutput:
+    folder: Path
+    factors: Any  # kcircuits.influence.factors.Factors
+    info: dict
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.html"
+
+
+@dataclass
+class ScoreOutput:
+    """``total`` ``[n_query, n_candidates]`` aligned with ``train_index`` ``[n_candidates]`` (indices into
+    the corpus; all of it unless a BM25 pre-filter was used); ``results`` = influence.json."""
+
+    folder: Path
+    total: torch.Tensor
+    train_index: torch.Tensor
+    results: dict
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.html"
+
+
+# --------------------------------------------------------------------------- inputs
+def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+
+
+def _read(data: str | Path | Sequences | None, queries: bool) -> tuple[list[Document] | None, Sequences | None, str]:
+    """Read (not yet tokenise) a path so a bad file fails before the model loads."""
+    if data is None or (isinstance(data, str) and not data):
+        what = "queries file (.jsonl)" if queries else "training corpus (.txt/.jsonl file or folder)"
+        raise KcircuitsError(f"no {what} given")
+    if isinstance(data, Sequences):
+        return None, data, "<Sequences>"
+    docs = read_queries(data) if queries else read_documents(data)
+    return docs, None, str(data)
+
+
+def _tokenise(read: tuple, lm: LoadedModel, max_length: int) -> Data:
+    docs, seqs, origin = read
+    if seqs is None:
+        seqs = documents_to_sequences(docs, lm.tokenizer, max_length)
+    return Data(seqs, docs, origin)
+
+
+def circuit_components(circuit: str | Path) -> list[str]:
+    """The head and MLP nodes (``"a3.h2"``, ``"m5"``) of a ``circuit.json`` or a discover run folder."""
+    path = Path(circuit)
+    path = path / "circuit.json" if path.is_dir() else path
+    if not path.exists():
+        raise KcircuitsError(f"no circuit at {path}; pass a circuit.json or a discover run folder")
+    try:
+        nodes = read_json(path)["nodes"]
+    except (ValueError, KeyError, TypeError):
+        raise KcircuitsError(f"{path} is not a kcircuits circuit.json (no 'nodes' list)") from None
+    comps = [n for n in nodes if isinstance(n, str) and n not in ("input", "logits")]
+    if not comps:
+        raise KcircuitsError(f"{path} has no head or MLP node to attribute influence to")
+    return comps
+
+
+def _factor_folder(factors: str | Path) -> Path:
+    """A fit run folder (holding ``factors/``) or a factors folder itself."""
+    p = Path(factors)
+    if (p / "factors" / "factors.json").exists():
+        return p / "factors"
+    if (p / "factors.json").exists():
+        return p
+    raise KcircuitsError(f"no fitted factors in {p}; pass the folder written by `kcircuits influence fit`")
+
+
+def _check(strategy: str, allowed: tuple[str, ...], batch_size: int, max_length: int) -> None:
+    if strategy not in allowed:
+        raise KcircuitsError(f"unknown strategy {strategy!r}: use one of {', '.join(allowed)}")
+    if batch_size < 1:
+        raise KcircuitsError("batch size must be >= 1")
+    if max_length < 2:
+        raise KcircuitsError("max_length must be >= 2")
+
+
+def _environment() -> dict:
+    from kcircuits.api import _environment as env
+
+    return env()
+
+
+def _model_name(model: str | LoadedModel) -> str:
+    return model.name if isinstance(model, LoadedModel) else str(model)
+
+
+# --------------------------------------------------------------------------- fit
+def fit(model: str | LoadedModel = "smollm2-135m", corpus: str | Path | Sequences | None = None, *,
+        out: str | Path | None = None, strategy: str = "ekfac", fisher: str = "true", max_length: int = 256,
+        batch_size: int = 8, include: list[str] | None = None, seed: int = 0, device: str | None = "cpu",
+        dtype: str = "float32", checkpoint_seconds: float = 60.0, progress: bool = True) -> FitOutput:
+    """Fit curvature factors of ``model`` on ``corpus`` into ``<out>/factors/``.
+
+    The fit checkpoints its running sums at the end of a batch once ``checkpoint_seconds`` have
+    passed (0: every batch) and after every pass; calling ``fit`` again with the same ``out``
+    continues from the last checkpoint (a finished fit is just loaded)."""
+    from kcircuits.influence.factors import fit_factors
+
+    _check(strategy, FACTOR_STRATEGIES, batch_size, max_length)
+    read = _read(corpus, queries=False)
+    lm = _model(model, device, dtype)
+    train = _tokenise(read, lm, max_length)
+    reproduce = {"command": "influence-fit", "model": _model_name(model), "corpus": train.origin,
+                 "corpus_fingerprint": train.fingerprint(), "strategy": strategy, "fisher": fisher,
+                 "max_length": max_length, "batch_size": batch_size, "include": include, "seed": seed, "dtype": dtype}
+    folder = Path(out) if out else default_run_dir("influence-fit", [train.stem, Path(reproduce["model"]).name,
+                                                                     strategy], reproduce)
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device)})
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    factors = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy=strategy, fisher=fisher,
+                          batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
+                          checkpoint_seconds=checkpoint_seconds, progress=progress)
+    info = {"strategy": strategy, "fisher": fisher, "n_sequences": len(train.seqs),
+            "n_tokens": int(train.seqs.attention_mask.sum()), "modules": list(factors.modules),
+            "fit_s": time.perf_counter() - start}
+    if run.has("fit.json"):  # a rerun of a finished fit: keep the original timing
+        info = run.read_json("fit.json")
+    run.write_json("fit.json", info)
+    write_report(run.file("report.html"), {
+        "title": f"Influence factors: {reproduce['model']} on {Path(train.origin).name}",
+        "summary": {"model": reproduce["model"], "corpus": train.origin, "strategy": strategy, "fisher": fisher,
+                    "sequences": info["n_sequences"], "tokens": info["n_tokens"], "modules": len(info["modules"]),
+                    "fit time (s)": round(info["fit_s"], 2)},
+        "config": run.config})
+    return FitOutput(run.path, factors, info)
+
+
+# --------------------------------------------------------------------------- score
+def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Sequences | None = None,
+          corpus: str | Path | Sequences | None = None, *, factors: str | Path | None = None, out: str | Path | None = None,
+          strategy: str = "ekfac", fisher: str = "true", damping: float | str = "heuristic", per_layer: bool = True,
+          per_token: bool = False, components: list[str] | None = None, circuit: str | Path | None = None,
+          query_rank: int | None = 32, rescore_top_k: int | None = None, bm25_candidates: int | None = None,
+          top_k: int = 10, highlight: bool = True, max_length: int = 256, batch_size: int = 8,
+          include: list[str] | None = None, lissa: dict | None = None, power_law_bootstrap: int = 100,
+          seed: int = 0, device: str | None = "cpu", dtype: str = "float32", checkpoint_seconds: float = 60.0,
+          progress: bool = True) -> ScoreOutput:
+    """Score every query against every (candidate) training sequence and write a run folder.
+
+    Args:
+        factors: a ``fit`` run folder (or its ``factors/``); None fits them here on the whole
+            corpus (``ekfac``/``kfac``/``diagonal``), into ``<out>/factors/`` (resumable).
+        damping: a float (absolute λ) or ``"heuristic"`` (the core's per-module default).
+        components / circuit: attribute influence to heads and MLPs (``"a3.h2"``, ``"m5"``); ``circuit``
+            takes them from a ``circuit.json`` or discover run folder.
+        query_rank: rank of the low-rank query-gradient approximation (None: exact).
+        bm25_candidates: score only the union of each query's BM25 top-N documents (pre-filter).
+        highlight: rescore each query's top-k sequences per token (only those, so it stays cheap)
+            to highlight their most influential tokens in the report; ``per_token`` keeps every
+            sequence's per-token scores instead.
+        power_law_bootstrap: goodness-of-fit draws per query for the power-law tail (0: no p-value).
+    """
+    _check(strategy, SCORE_STRATEGIES, batch_size, max_length)
+    if top_k < 1:
+        raise KcircuitsError("top_k must be >= 1")
+    if bm25_candidates is not None and bm25_candidates < 1:
+        raise KcircuitsError("bm25_candidates must be >= 1")
+    if circuit is not None:
+        components = sorted(set(components or []) | set(circuit_components(circuit)))
+    factor_dir = _factor_folder(factors) if factors is not None else None
+    q_read, c_read = _read(queries, queries=True), _read(corpus, queries=False)
+    lm = _model(model, device, dtype)
+    q, train = _tokenise(q_read, lm, max_length), _tokenise(c_read, lm, max_length)
+    reproduce = {"command": "influence-score", "model": _model_name(model), "queries": q.origin,
+                 "queries_fingerprint": q.fingerprint(), "corpus": train.origin,
+                 "corpus_fingerprint": train.fingerprint(), "factors": str(factor_dir) if factor_dir else None,
+                 "strategy": strategy, "fisher": fisher, "damping": damping, "per_layer": per_layer,
+                 "per_token": per_token, "components": components, "query_rank": query_rank,
+                 "rescore_top_k": rescore_top_k, "bm25_candidates": bm25_candidates, "max_length": max_length,
+                 "include": include, "lissa": lissa, "seed": seed, "dtype": dtype}
+    folder = Path(out) if out else default_run_dir("influence", [q.stem, Path(reproduce["model"]).name, strategy],
+                                                   reproduce)
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device),
+                             "batch_size": batch_size, "top_k": top_k, "highlight": highlight,
+                             "power_law_bootstrap": power_law_bootstrap})
+    timings: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    t0 = time.perf_counter()
+    cand = _candidates(q, train, bm25_candidates)
+    timings["bm25_s"] = time.perf_counter() - t0
+    fac = _factors(lm, train, strategy, fisher, damping, factor_dir, run, batch_size, include, seed, progress, timings,
+                   checkpoint_seconds)
+    kwargs = {"strategy": strategy, "factors": fac, "damping": damping, "query_rank": query_rank,
+              "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
+    if run.has(SCORES_FILE):  # finished earlier: reuse
+        parts = run.read_tensors(SCORES_FILE)
+        timings.update(run.read_json(RESULTS_FILE).get("timings", {}) if run.has(RESULTS_FILE) else {})
+    else:
+        t0 = time.perf_counter()
+        res = _pairwise(lm, q.seqs, train.seqs.subset(cand), per_layer=per_layer, per_token=per_token,
+                        components=components, rescore_top_k=rescore_top_k, **kwargs)
+        timings["score_s"] = time.perf_counter() - t0
+        parts = _to_tensors(res)
+        parts["train_index"] = cand
+        run.write_tensors(SCORES_FILE, parts, {"strategy": strategy, "damping": _json_damping(res.damping)})
+        run.write_json("damping.json", _json_damping(res.damping))
+    total = parts["total"]
+    t0 = time.perf_counter()
+    tokens = _token_scores(lm, q, train, parts, cand, top_k, highlight, kwargs)
+    timings["highlight_s"] = time.perf_counter() - t0
+    results = _results(lm, q, train, parts, cand, tokens, top_k, power_law_bootstrap, seed,
+                       run.read_json("damping.json") if run.has("damping.json") else {}, strategy, timings)
+    run.write_json(RESULTS_FILE, results)
+    write_report(run.file("report.html"), _report(run, results, reproduce))
+    return ScoreOutput(run.path, total, cand, results, parts)
+
+
+def _candidates(q: Data, train: Data, n: int | None) -> torch.Tensor:
+    """Corpus indices to score ``[n_candidates]``: everything, or the union of BM25 top-n per query."""
+    if n is None or n >= len(train.seqs):
+        return torch.arange(len(train.seqs))
+    return BM25(train.seqs.texts).candidates(q.seqs.texts, n)
+
+
+def _factors(lm, train: Data, strategy: str, fisher: str, damping, factor_dir: Path | None, run: RunFolder,
+             batch_size: int, include, seed: int, progress: bool, timings: dict, checkpoint_seconds: float):
+    """Curvature factors for ``strategy``: loaded from ``factor_dir`` or fitted into ``<run>/factors/``.
+
+    LiSSA needs them only for the heuristic damping (0.1 × mean eigenvalue, as for EK-FAC): then KFAC
+    factors (one covariance pass) are enough. identity/exact and numeric-damping LiSSA need none."""
+    lissa_heuristic = strategy == "lissa" and damping == "heuristic"
+    if strategy not in FACTOR_STRATEGIES and not lissa_heuristic:
+        return None
+    from kcircuits.influence.factors import Factors, fit_factors
+
+    t0 = time.perf_counter()
+    if factor_dir is not None:
+        fac = Factors.load(factor_dir)
+    else:
+        fac = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy="kfac" if lissa_heuristic else strategy,
+                          fisher=fisher, batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
+                          checkpoint_seconds=checkpoint_seconds, progress=progress)
+    timings["factors_s"] = time.perf_counter() - t0
+    return fac
+
+
+def _pairwise(lm: LoadedModel, queries: Sequences, train: Sequences, **kwargs):
+    from kcircuits.influence.scores import pairwise_scores
+
+    return pairwise_scores(lm.hf_model, queries.to(lm.device), train.to(lm.device), **kwargs)
+
+
+def _json_damping(damping) -> dict:
+    return {str(k): float(v) for k, v in (damping or {}).items()}
+
+
+def _to_tensors(res) -> dict[str, torch.Tensor]:
+    """InfluenceScores -> flat safetensors dict: ``total``, ``layer.<l>``, ``component.<name>``, ``per_token``."""
+    out = {"total": res.total.detach().float().cpu()}
+    for layer, t in (res.per_layer or {}).items():
+        out[f"layer.{int(layer)}"] = t.detach().float().cpu()
+    for name, t in (res.per_component or {}).items():
+        out[f"component.{name}"] = t.detach().float().cpu()
+    if res.per_token is not None:
+        out["per_token"] = res.per_token.detach().float().cpu()
+    return out
+
+
+def _prefixed(parts: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
+
+
+def _token_scores(lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, top_k: int, highlight: bool,
+                  kwargs: dict) -> dict[tuple[int, int], torch.Tensor]:
+    """Per-token scores ``[T]`` of each (query, corpus index) pair in the top-k; from ``per_token`` when it
+    was computed, else by rescoring only the union of top-k sequences per token."""
+    _, top = analysis.top_influential(parts["total"], top_k)  # positions among candidates
+    if "per_token" in parts:
+        pt = parts["per_token"]
+        return {(qi, int(cand[j])): pt[qi, j] for qi in range(top.shape[0]) for j in top[qi].tolist()}
+    if not highlight:
+        return {}
+    union = torch.unique(cand[top.flatten()])
+    res = _pairwise(lm, q.seqs, train.seqs.subset(union), per_layer=False, per_token=True, components=None,
+                    rescore_top_k=None, **kwargs)
+    pos = {int(c): i for i, c in enumerate(union.tolist())}
+    return {(qi, int(cand[j])): res.per_token[qi, pos[int(cand[j])]].detach().float().cpu()
+            for qi in range(top.shape[0]) for j in top[qi].tolist()}
+
+
+def _tokens_json(lm, seqs: Sequences, index: int, token_scores: torch.Tensor | None, n_top: int = 5) -> dict:
+    """The sequence's tokens as text pieces with highlight weights, and its top tokens."""
+    n = int(seqs.attention_mask[index].sum())
+    ids = seqs.input_ids[index, :n].tolist()
+    pieces = [lm.tokenizer.decode([t]) for t in ids]
+    if token_scores is None:
+        return {"pieces": pieces}
+    s = token_scores[:n].float()
+    mask = seqs.loss_mask[index, :n]
+    weights = analysis.token_weights(s, mask)
+    top = analysis.top_tokens(s, n_top, mask)
+    return {"pieces": pieces, "weights": [round(w, 4) for w in weights],
+            "top_tokens": [{"position": p, "token": pieces[p], "score": float(s[p])} for p in top]}
+
+
+def _sources(doc: Document | None) -> list[int] | None:
+    if doc is None:
+        return None
+    src = doc.meta.get("source_indices")
+    return [int(i) for i in src] if isinstance(src, list) else None
+
+
+def _query_sources(q: Data, train: Data) -> list[list[int]] | None:
+    """Ground-truth source documents per query: ``source_indices``, or ``sources`` given as corpus ids."""
+    if not q.docs:
+        return None
+    ids = {d: i for i, d in enumerate(train.ids)}
+    out = []
+    for doc in q.docs:
+        src = _sources(doc)
+        if src is None and isinstance(doc.meta.get("sources"), list):
+            src = [ids[s] for s in doc.meta["sources"] if s in ids]
+        out.append(src or [])
+    return out if any(out) else None
+
+
+def _power_law(values: torch.Tensor, n_bootstrap: int, seed: int) -> dict | None:
+    try:
+        return analysis.power_law_tail(values, n_bootstrap=n_bootstrap, seed=seed).to_json()
+    except KcircuitsError:
+        return None  # too few non-zero scores (tiny corpora): no tail to speak of
+
+
+def _results(lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, tokens: dict, top_k: int,
+             n_bootstrap: int, seed: int, damping: dict, strategy: str, timings: dict) -> dict:
+    total = parts["total"]
+    vals, top = analysis.top_influential(total, top_k)
+    sources = _query_sources(q, train)
+    recall = None
+    if sources is not None:
+        full_rank = cand[top]  # corpus indices, best first
+        recall = analysis.recall_at_k(full_rank, sources, top_k)
+    queries = []
+    for qi in range(total.shape[0]):
+        rows = []
+        for rank, (j, v) in enumerate(zip(top[qi].tolist(), vals[qi].tolist()), start=1):
+            ci = int(cand[j])
+            rows.append({"rank": rank, "train_index": ci, "id": train.ids[ci], "score": v,
+                         "text": train.seqs.texts[ci], **_tokens_json(lm, train.seqs, ci, tokens.get((qi, ci)))})
+        prompt, completion = _prompt_completion(lm, q, qi)
+        entry = {"index": qi, "id": q.ids[qi], "prompt": prompt, "completion": completion, "top": rows,
+                 "power_law": _power_law(total[qi], n_bootstrap, seed + qi)}
+        if sources is not None:
+            entry["sources"] = sources[qi]
+            entry[f"recall@{top_k}"] = float(recall[qi])
+        queries.append(entry)
+    out = {"strategy": strategy, "n_queries": total.shape[0], "n_train": len(train.seqs), "n_scored": int(cand.numel()),
+           "top_k": top_k, "damping": damping, "timings": timings, "queries": queries}
+    layers = _prefixed(parts, "layer.")
+    if layers:
+        out["by_layer"] = analysis.influence_by_layer({int(k): v for k, v in layers.items()})
+    comps = _prefixed(parts, "component.")
+    if comps:
+        out["by_component"] = analysis.influence_by_component(comps)
+    if recall is not None:
+        out[f"mean_recall@{top_k}"] = float(recall.nanmean())
+    return out
+
+
+def _prompt_completion(lm, q: Data, qi: int) -> tuple[str, str]:
+    """The query's prompt and completion text (decoded from tokens when Sequences were passed)."""
+    if q.docs:
+        return q.docs[qi].text, q.docs[qi].completion or ""
+    n, p = int(q.seqs.attention_mask[qi].sum()), q.seqs.prompt_lengths[qi]
+    ids = q.seqs.input_ids[qi].tolist()
+    return lm.tokenizer.decode(ids[:p]), lm.tokenizer.decode(ids[p:n])
+
+
+# --------------------------------------------------------------------------- report
+def _report(run: RunFolder, results: dict, reproduce: dict) -> dict:
+    summary = {"model": reproduce["model"], "strategy": results["strategy"], "queries": results["n_queries"],
+               "training sequences": results["n_train"], "scored (after pre-filter)": results["n_scored"]}
+    for key in ("factors_s", "score_s", "highlight_s"):
+        if key in results["timings"]:
+            summary[key.replace("_s", " time (s)")] = round(results["timings"][key], 2)
+    if f"mean_recall@{results['top_k']}" in results:
+        summary[f"mean recall@{results['top_k']} of known sources"] = results[f"mean_recall@{results['top_k']}"]
+    return {"title": f"Influence: {reproduce['model']} ({results['strategy']})", "summary": summary,
+            "influence": results, "config": run.config}
