@@ -20,7 +20,7 @@ from kcircuits.influence.modules import (
 from kcircuits.influence.scores import InfluenceScores, pairwise_scores, self_influence
 from kcircuits.models.adapters import adapt
 from tests.conftest import tiny_hf
-from tests.test_influence_helpers import (
+from tests.influence_helpers import (
     FeatureModel,
     SquaredErrorObjective,
     rand_seqs,

@@ -18,7 +18,7 @@ import torch
 from kcircuits.influence.factors import fit_factors
 from kcircuits.influence.ihvp import make_preconditioner
 from kcircuits.influence.scores import pairwise_scores
-from tests.test_influence_helpers import FeatureModel, rand_seqs, tiny_gpt2, tiny_llama
+from tests.influence_helpers import FeatureModel, rand_seqs, tiny_gpt2, tiny_llama
 
 
 def _tiny_mlp_lm():
