@@ -136,7 +136,15 @@ def test_ablating_no_heads_is_the_intact_model(tiny):
     batches = _batches(tiny, pairs, 4, "first_token")
     ranks, _ = answer_ranks(eng, pairs, tiny.pad_token_id, 4)
     intact = float((ranks == 1).float().mean())
-    assert _accuracy_with_heads_ablated(eng, batches, [], mean_activations(eng, batches)) == intact
+    mean = mean_activations(eng, batches)
+    assert _accuracy_with_heads_ablated(eng, pairs, tiny.pad_token_id, 4, [], mean) == intact
+    # ablating every head changes the ranks (the random model's answers move), so the mask is applied
+    heads = [f"a{layer}.h{h}" for layer in range(eng.graph.n_layers) for h in range(eng.graph.n_heads)]
+    g = eng.graph
+    mask = torch.ones(g.n_src, g.n_dst)
+    mask[[g.src_index(h) for h in heads]] = 0
+    patched, _ = answer_ranks(eng, pairs, tiny.pad_token_id, 4, mask=mask, ablated=mean)
+    assert not torch.equal(patched, ranks)
 
 
 def test_cli_study_errors(tiny_smol_dir, tmp_path, capsys):

@@ -76,12 +76,19 @@ def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
 
 
 @torch.no_grad()
-def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rank of each pair's first answer token (1 = top) and its own top token, ``[n]`` each."""
+def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, mask: torch.Tensor | None = None,
+                 ablated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rank of each pair's first answer token (1 = top) and its own top token, ``[n]`` each.
+
+    With ``mask`` (``[n_src, n_dst]``, 0 = patched) the patched model's, its patched edges carrying
+    ``ablated`` (batch-independent, e.g. dataset means ``[n_src, 1, 1, d]``, or None for zero).
+    """
     ranks, top = [], []
+    device = engine.w.W_E.device
+    mask = None if mask is None else mask.to(device)
     for batch in make_batches(pairs, pad_id, batch_size):
-        batch = batch.to(engine.w.W_E.device)
-        logits = engine.run(engine.embed(batch.clean), batch.target_pos).logits
+        batch = batch.to(device)
+        logits = engine.run(engine.embed(batch.clean), batch.target_pos, mask=mask, ablated=ablated).logits
         ranks.append(answer_rank(logits, batch).cpu())
         top.append(logits[:, 0].argmax(-1).cpu())
     return torch.cat(ranks), torch.cat(top)
@@ -149,6 +156,15 @@ def _validate(method: str, metric: str, ablation: str, answer_scoring: str, sele
         raise KcircuitsError(f"unknown selection {selection!r}: use topn, greedy or threshold")
 
 
+def check_settings(method: str, steps: int, metric: str, ablation: str, batch_size: int, *,
+                   answer_scoring: str = "first_token", selection: str = "topn") -> None:
+    """Fail on bad attribution settings before a model is loaded or a run folder written."""
+    _validate(method, metric, ablation, answer_scoring, selection)
+    integration_points(method, steps)
+    if batch_size < 1:
+        raise KcircuitsError("batch size must be >= 1")
+
+
 def discover(
     relation: str = "country_capital",
     model: str | LoadedModel = "smollm2-135m",
@@ -189,10 +205,8 @@ def discover(
     that fraction of the relation's subjects and evaluated on the rest. The first
     ``explain_prompts`` test prompts (0: none) are explained: logit lens, head roles, composition.
     """
-    _validate(method, metric, ablation, answer_scoring, "threshold" if threshold is not None else selection)
-    integration_points(method, steps)  # a bad step count fails before the model loads
-    if batch_size < 1:
-        raise KcircuitsError("batch size must be >= 1")
+    check_settings(method, steps, metric, ablation, batch_size, answer_scoring=answer_scoring,
+                   selection="threshold" if threshold is not None else selection)
     if split is not None and not 0 < split < 1:
         raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
     model_name = model.name if isinstance(model, LoadedModel) else model
@@ -258,24 +272,26 @@ def discover(
     # 5. explanation: logit lens (clean and circuit-only), head roles, composition, on the test prompts
     view = None
     if explain_prompts:
-        ex = explain_circuit(engine, lm, circuit, tested_on.pairs[:explain_prompts],
-                             answer_range_of([p for s in sets.values() for p in s.pairs]), ablation=ablation,
-                             batch_size=batch_size, thresholds=thresholds)
-        run.write_json("lens.json", ex.lens_json(lm.tokenizer))
-        run.write_json("roles.json", ex.roles.to_json())
-        run.write_json("composition.json", ex.composition)
-        view = ex
+        view = explain_circuit(run, engine, lm, circuit, tested_on.pairs[:explain_prompts],
+                               answer_range_of([p for s in sets.values() for p in s.pairs]), ablation=ablation,
+                               batch_size=batch_size, thresholds=thresholds)
 
     # 6. report
     write_report(run.file("report.html"), _report(run.config, circuit, metrics, sets, graph, scores, view, lm.tokenizer))
     return RunOutput(run.path, circuit, metrics, scores, sets)
 
 
-def explain_circuit(engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: list, answer_range: list[int], *,
-                    ablation: str, batch_size: int, thresholds: RoleThresholds | None) -> Explanation:
-    """:func:`kcircuits.explain.explain` with the model's tokenizer, padding and device."""
-    return explain(engine, lm.tokenizer, pairs, lm.pad_token_id, circuit=circuit, ablation=ablation,
-                   batch_size=batch_size, thresholds=thresholds, answer_range=answer_range, device=lm.device)
+def explain_circuit(run: RunFolder, engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: list,
+                    answer_range: list[int], *, ablation: str, batch_size: int,
+                    thresholds: RoleThresholds | None) -> Explanation:
+    """:func:`kcircuits.explain.explain` with the model's tokenizer, padding and device; writes
+    ``lens.json``, ``roles.json`` and ``composition.json`` into the run folder."""
+    ex = explain(engine, lm.tokenizer, pairs, lm.pad_token_id, circuit=circuit, ablation=ablation,
+                 batch_size=batch_size, thresholds=thresholds, answer_range=answer_range, device=lm.device)
+    run.write_json("lens.json", ex.lens_json(lm.tokenizer))
+    run.write_json("roles.json", ex.roles.to_json())
+    run.write_json("composition.json", ex.composition)
+    return ex
 
 
 def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Graph, scores: torch.Tensor | None,
@@ -420,10 +436,7 @@ def evaluate(
         ps = all_sets.get(first) or prepare_prompts(lm, engine, relations[0], split=None, known_only=known_only,
                                                     known_k=known_k, max_pairs=max_pairs, seed=seed,
                                                     batch_size=batch_size)["all"]
-        ex = explain_circuit(engine, lm, circuit, ps.pairs[:explain_prompts], answer_range_of(ps.pairs),
+        ex = explain_circuit(run, engine, lm, circuit, ps.pairs[:explain_prompts], answer_range_of(ps.pairs),
                              ablation=ablation, batch_size=batch_size, thresholds=thresholds)
-        run.write_json("lens.json", ex.lens_json(lm.tokenizer))
-        run.write_json("roles.json", ex.roles.to_json())
-        run.write_json("composition.json", ex.composition)
     write_report(run.file("report.html"), _report(run.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))
     return RunOutput(run.path, circuit, metrics, None, all_sets)

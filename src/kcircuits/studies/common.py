@@ -14,9 +14,8 @@ from kcircuits.api import (
     _batches,
     _environment,
     _model,
-    _validate,
+    check_settings,
 )
-from kcircuits.discover.eap import integration_points
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator, select
@@ -28,11 +27,9 @@ from kcircuits.runs import RunFolder, default_run_dir
 
 def check_common(method: str, steps: int, metric: str, ablation: str, batch_size: int, percent: float | None,
                  n_edges: int | None) -> None:
-    """Fail on bad settings before a model is loaded or a folder written."""
-    _validate(method, metric, ablation, "first_token", "topn")
-    integration_points(method, steps)
-    if batch_size < 1:
-        raise KcircuitsError("batch size must be >= 1")
+    """Fail on bad settings before a model is loaded or a folder written: the attribution settings
+    as for ``discover``, plus the circuit size every study uses."""
+    check_settings(method, steps, metric, ablation, batch_size)
     if n_edges is not None and n_edges < 1:
         raise KcircuitsError("--edges must be >= 1")
     if percent is not None and not 0 < percent <= 100:

@@ -25,7 +25,6 @@ from kcircuits.api import _batches, answer_ranks
 from kcircuits.data import build_prompts, load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.metrics import answer_rank
 from kcircuits.models import LoadedModel
 from kcircuits.studies.common import (
     check_common,
@@ -59,18 +58,15 @@ def _span_mask(tokenizer, pairs: list, spans: list[tuple[int, int]], width: int)
     return out
 
 
-@torch.no_grad()
-def _accuracy_with_heads_ablated(engine: Engine, batches: list, heads: Sequence[str], mean: torch.Tensor) -> float:
+def _accuracy_with_heads_ablated(engine: Engine, pairs: list, pad_id: int, batch_size: int, heads: Sequence[str],
+                                 mean: torch.Tensor) -> float:
     """Share of prompts answered right when every edge out of ``heads`` carries the heads' dataset mean."""
     g = engine.graph
     mask = torch.ones(g.n_src, g.n_dst)
     for h in heads:
         mask[g.src_index(h)] = 0
-    ranks = []
-    for b in batches:
-        logits = engine.run(engine.embed(b.clean), b.target_pos, mask=mask.to(b.clean.device), ablated=mean).logits
-        ranks.append(answer_rank(logits, b).cpu())
-    return float((torch.cat(ranks) == 1).float().mean())
+    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size, mask=mask, ablated=mean)
+    return float((ranks == 1).float().mean())
 
 
 def icl(
@@ -161,10 +157,13 @@ def icl(
     ablation_res = None
     if new_heads:
         others = [h for h in head_names if h not in set(new_heads)]
-        draws = [_accuracy_with_heads_ablated(engine, batches, random.Random(seed + i).sample(others, min(len(new_heads), len(others))), mean)
+        def accuracy(heads: Sequence[str]) -> float:
+            return _accuracy_with_heads_ablated(engine, pairs[K], lm.pad_token_id, batch_size, heads, mean)
+
+        draws = [accuracy(random.Random(seed + i).sample(others, min(len(new_heads), len(others))))
                  for i in range(n_random)]
         ablation_res = {"k": K, "n_heads": len(new_heads), "accuracy_intact": accuracy[K],
-                        "accuracy_new_heads_ablated": _accuracy_with_heads_ablated(engine, batches, new_heads, mean),
+                        "accuracy_new_heads_ablated": accuracy(new_heads),
                         "accuracy_random_heads_ablated": draws,
                         "accuracy_random_heads_ablated_mean": sum(draws) / len(draws),
                         "accuracy_random_heads_ablated_std": float(torch.tensor(draws).std(unbiased=False))}
