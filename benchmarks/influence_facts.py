@@ -20,6 +20,7 @@ Prints a Markdown table and writes the results as JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import platform
 import time
@@ -30,7 +31,7 @@ import torch
 from kcircuits.errors import KcircuitsError
 from kcircuits.influence.analysis import recall_at_k
 from kcircuits.influence.bm25 import BM25
-from kcircuits.influence.factors import fit_factors
+from kcircuits.influence.factors import Factors, fit_factors
 from kcircuits.influence.facts import (
     WordTokenizer,
     completion_accuracy,
@@ -41,9 +42,28 @@ from kcircuits.influence.facts import (
 from kcircuits.influence.scores import pairwise_scores
 from kcircuits.influence.sequences import Sequences
 
-METHODS = ("ekfac", "kfac", "lissa", "identity", "bm25", "bm25_prompt")
+METHODS = ("ekfac", "kfac", "lissa", "identity", "ekfac_relative", "identity_relative", "ekfac_margin",
+           "ekfac_relative_margin", "identity_margin", "bm25", "bm25_prompt")
 LABELS = {"ekfac": "EK-FAC", "kfac": "KFAC", "lissa": "LiSSA", "identity": "gradient dot product",
           "bm25": "BM25 (prompt + completion)", "bm25_prompt": "BM25 (prompt only)"}
+OPTIONS = {"relative": "relative (RelatIF)", "margin": "margin f"}
+
+
+def split_method(method: str) -> tuple[str, dict]:
+    """``"ekfac_relative_margin"`` -> ``("ekfac", {"normalize": "relative", "measurement": "margin"})``."""
+    strategy, *options = method.split("_")
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise KcircuitsError(f"unknown method option(s) {sorted(unknown)} in {method!r}; options: {', '.join(OPTIONS)}")
+    return strategy, {"normalize": "relative" if "relative" in options else None,
+                      "measurement": "margin" if "margin" in options else "logprob"}
+
+
+def label(method: str) -> str:
+    if method in LABELS:
+        return LABELS[method]
+    strategy, *options = method.split("_")
+    return ", ".join([LABELS.get(strategy, strategy)] + [OPTIONS.get(o, o) for o in options])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random llama over the corpus' own word vocabulary")
     p.add_argument("--n-docs", type=int, default=1000)
     p.add_argument("--n-facts", type=int, help="default n_docs // 10")
+    p.add_argument("--statement", choices=["verbatim", "paraphrase"], default="verbatim",
+                   help="sources repeat the query's sentence in differing documents, or paraphrase it")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--target-accuracy", type=float, default=0.95,
@@ -65,10 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--query-rank", type=int, default=0, help="low-rank query gradients (0: full rank)")
     p.add_argument("--lissa-depth", type=int, default=100)
+    p.add_argument("--lissa-batch-size", type=int, default=8, help="training sequences per Gauss-Newton product")
+    p.add_argument("--lissa-queries", type=int, default=0,
+                   help="score LiSSA on the first N queries only (0: all); its recall is then over those")
     p.add_argument("--lissa-scale", type=float, help="LiSSA scale (default: the core's 2 x estimated top eigenvalue)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="influence_facts.json", help="where to write the results")
+    p.add_argument("--finetuned", help="file to save the fine-tuned weights to, or to load them from if it exists "
+                                       "(same configuration only): rerun methods without fine-tuning again")
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.train_only = "tiny", ["all"]
@@ -84,37 +111,108 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args):
     """(hf model, tokenizer, facts corpus)."""
     if args.tiny:
-        fc = make_facts_corpus(args.n_docs, args.n_facts, seed=args.seed)
+        fc = make_facts_corpus(args.n_docs, args.n_facts, statement=args.statement, seed=args.seed)
         tok = WordTokenizer.for_corpus(fc)
         return tiny_llama(len(tok), layers=2, hidden=64, heads=4, seed=args.seed), tok, fc
     from kcircuits.models import load_model
 
     lm = load_model(args.model)
-    fc = make_facts_corpus(args.n_docs, args.n_facts, seed=args.seed, tokenizer=lm.tokenizer)
+    fc = make_facts_corpus(args.n_docs, args.n_facts, statement=args.statement, seed=args.seed, tokenizer=lm.tokenizer)
     return lm.hf_model, lm.tokenizer, fc
 
 
 def influence_method(method: str, model, queries: Sequences, train: Sequences, args, include, cache: dict):
-    """Score matrix ``[n_q, n_train]`` and the timing breakdown of one influence method."""
-    t0 = time.perf_counter()
-    factors = None
-    if method in ("ekfac", "kfac") or (method == "lissa" and "factors" not in cache):
-        # LiSSA uses factors only for its damping (the same heuristic λ as EK-FAC/KFAC)
-        factors = fit_factors(model, train, strategy="kfac" if method == "lissa" else method,
-                              batch_size=args.batch_size, seed=args.seed, include=include, progress=False)
-        cache.setdefault("factors", factors)
-    elif method == "lissa":
-        factors = cache["factors"]
+    """Score matrix ``[n_q, n_train]`` and the timing breakdown of one influence method
+    (``<strategy>[_relative][_margin]``: see :func:`split_method`).
+
+    Factors are fitted once per strategy and reused (``cache``); a method reusing them reports the
+    original fit time, so each row's total is what that method costs on its own. LiSSA uses
+    factors only for its damping (the same heuristic λ as EK-FAC/KFAC)."""
+    strategy, options = split_method(method)
+    needs = strategy if strategy in ("ekfac", "kfac") else ("kfac" if strategy == "lissa" else None)
+    factors, fit_s = None, 0.0
+    if needs is not None:
+        have = cache.get(needs) or (cache.get("ekfac") if strategy == "lissa" else None)
+        if have is None:
+            have = cached_factors(needs, model, train, args, include)
+            cache[needs] = have
+        factors, fit_s = have
+    queries_used = queries if strategy != "lissa" or not args.lissa_queries else queries.subset(range(args.lissa_queries))
     t1 = time.perf_counter()
-    res = pairwise_scores(model, queries, train, strategy=method, factors=factors, batch_size=args.batch_size,
-                          query_rank=args.query_rank or None, include=include, progress=False,
-                          lissa=lissa_options(args) if method == "lissa" else None)
-    t2 = time.perf_counter()
-    return res.total, {"fit_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0}
+    res = pairwise_scores(model, queries_used, train, strategy=strategy, factors=factors, batch_size=args.batch_size,
+                          query_rank=args.query_rank or None, include=include, progress=False, **options,
+                          lissa=lissa_options(args) if strategy == "lissa" else None)
+    score_s = time.perf_counter() - t1
+    return res.total, {"fit_s": fit_s, "score_s": score_s, "total_s": fit_s + score_s, **res.solver}
+
+
+PROBABILITY_BINS = (0.0, 0.9, 0.99, 0.999, 1.0)
+
+
+@torch.no_grad()
+def completion_probability(model, queries: Sequences) -> torch.Tensor:
+    """p(completion | prompt) per query ``[n_q]`` after fine-tuning."""
+    from kcircuits.influence.gradients import LMObjective
+
+    objective = LMObjective()
+    return torch.cat([(-objective.losses(objective.output(model, b), b)).exp() for _, b in queries.batches(32)])
+
+
+def by_probability(recall: torch.Tensor, prob: torch.Tensor) -> list[dict]:
+    """Mean recall of the queries in each band of p(completion): why memorised facts are hard to
+    trace (their sources' own loss gradients vanish at the answer)."""
+    rows = []
+    for lo, hi in zip(PROBABILITY_BINS[:-1], PROBABILITY_BINS[1:]):
+        inside = (prob >= lo) & ((prob < hi) if hi < 1.0 else (prob <= hi))
+        if inside.any():
+            rows.append({"p_from": lo, "p_to": hi, "queries": int(inside.sum()), "recall": float(recall[inside].mean())})
+    return rows
+
+
+def top_kinds(scores: torch.Tensor, fc, k: int) -> dict[str, int]:
+    """What fills the queries' top-k slots: ``own source``, or the kind of another document
+    (another fact's ``source``, ``subject``, ``object``, ``cross``, ``generic``)."""
+    counts: dict[str, int] = {}
+    for q, row in enumerate(scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist()):
+        for i in row:
+            kind = "own source" if i in fc.facts[q].sources else fc.kinds[i]
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def finetune_config(args) -> dict:
+    """What determines the fine-tuned weights (a saved fine-tune is reused only for the same)."""
+    return {k: getattr(args, k) for k in ("model", "tiny", "n_docs", "n_facts", "statement", "epochs", "lr",
+                                          "target_accuracy", "train_only", "max_length", "batch_size", "seed")}
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def cached_factors(strategy: str, model, train: Sequences, args, include) -> tuple:
+    """``(factors, fit seconds)``: fitted here, or loaded from ``--finetuned``'s companion folder
+    when an earlier run of the same configuration saved them (the fit time is the original one)."""
+    folder = Path(f"{args.finetuned}.{strategy}-factors") if args.finetuned else None
+    if folder is not None and (folder / "fit_seconds.json").exists():
+        info = json.loads((folder / "fit_seconds.json").read_text())
+        if info["config"] == {**finetune_config(args), "include": include}:
+            return Factors.load(folder), info["fit_s"]
+    t0 = time.perf_counter()
+    factors = fit_factors(model, train, strategy=strategy, batch_size=args.batch_size, seed=args.seed,
+                          include=include, progress=False)
+    fit_s = time.perf_counter() - t0
+    if folder is not None:
+        factors.save(folder)
+        (folder / "fit_seconds.json").write_text(json.dumps({"fit_s": fit_s, "config": {**finetune_config(args),
+                                                                                         "include": include}}))
+    return factors, fit_s
 
 
 def lissa_options(args) -> dict:
-    opts = {"depth": args.lissa_depth}
+    opts = {"depth": args.lissa_depth, "batch_size": args.lissa_batch_size}
     if args.lissa_scale:
         opts["scale"] = args.lissa_scale
     return opts
@@ -142,7 +240,14 @@ def run(args) -> dict:
     out["accuracy_before"] = float(completion_accuracy(model, queries).float().mean())
     t0 = time.perf_counter()
     out["loss_per_epoch"], out["accuracy_per_epoch"] = [], []
-    for epoch in range(args.epochs):  # one epoch at a time: stop as soon as the facts are known
+    saved = Path(args.finetuned) if args.finetuned else None
+    if saved is not None and saved.exists():  # a finished fine-tune of this configuration: reuse it
+        state = torch.load(saved)
+        if state.get("config") != finetune_config(args):
+            raise KcircuitsError(f"{saved} holds a fine-tune of another configuration; delete it or pass another path")
+        model.load_state_dict(state["weights"], strict=False)
+        out.update(state["log"])
+    for epoch in range(args.epochs if "finetune_s" not in out else 0):  # stop as soon as the facts are known
         out["loss_per_epoch"] += finetune(model, train, epochs=1, lr=args.lr, batch_size=args.batch_size,
                                           train_only=train_only, seed=args.seed + epoch, progress=False)
         known = completion_accuracy(model, queries)
@@ -152,8 +257,17 @@ def run(args) -> dict:
         if out["accuracy_per_epoch"][-1] >= args.target_accuracy:
             break
     out["epochs"] = len(out["loss_per_epoch"])
-    out["finetune_s"] = time.perf_counter() - t0
+    out.setdefault("finetune_s", time.perf_counter() - t0)
+    known = completion_accuracy(model, queries)
     out["accuracy_after"] = float(known.float().mean())
+    prob = completion_probability(model, queries)
+    out["completion_probability"] = prob.tolist()
+    if saved is not None and not saved.exists():
+        log = {k: out[k] for k in ("loss_per_epoch", "accuracy_per_epoch", "finetune_s")}
+        trained = {n for n, p in model.named_parameters()
+                   if train_only is None or any(fnmatch.fnmatchcase(n, pat) for pat in train_only)}
+        weights = {n: t for n, t in model.state_dict().items() if n in trained}
+        atomic_torch_save(saved, {"config": finetune_config(args), "weights": weights, "log": log})
     print(f"query accuracy {out['accuracy_before']:.2f} -> {out['accuracy_after']:.2f} after "
           f"{out['epochs']} epochs ({out['finetune_s']:.0f} s)", flush=True)
     results, cache = {}, {}
@@ -163,18 +277,23 @@ def run(args) -> dict:
             texts = fc.prompts if method == "bm25_prompt" else [p + c for p, c in zip(fc.prompts, fc.completions)]
             scores = BM25(fc.documents).score_matrix(texts)
             timing = {"fit_s": 0.0, "score_s": time.perf_counter() - t, "total_s": time.perf_counter() - t}
+            scores = torch.as_tensor(scores)
         else:
             try:
                 scores, timing = influence_method(method, model, queries, train, args, include, cache)
             except KcircuitsError as exc:  # e.g. LiSSA diverging: report it, keep the other methods
                 results[method] = {"error": str(exc)}
-                print(f"{LABELS.get(method, method):>22}: failed: {exc}", flush=True)
+                print(f"{label(method):>22}: failed: {exc}", flush=True)
                 continue
-        recall = recall_at_k(scores, fc.sources, args.k)
-        results[method] = {**timing, f"recall@{args.k}": float(recall.mean()),
-                           f"recall@{args.k}_known": float(recall[known].mean()) if known.any() else None,
-                           "precision@1": precision_at_1(scores, fc.sources)}
-        print(f"{LABELS.get(method, method):>22}: recall@{args.k} {results[method][f'recall@{args.k}']:.3f}  "
+        n_q = scores.shape[0]  # LiSSA may score only the first --lissa-queries
+        recall, learned = recall_at_k(scores, fc.sources[:n_q], args.k), known[:n_q]
+        results[method] = {**timing, "queries": n_q, f"recall@{args.k}": float(recall.mean()),
+                           f"recall@{args.k}_known": float(recall[learned].mean()) if learned.any() else None,
+                           "precision@1": precision_at_1(scores, fc.sources[:n_q]),
+                           f"recall@{args.k}_per_query": recall.tolist(),
+                           f"top{args.k}_kinds": top_kinds(scores, fc, args.k),
+                           f"recall@{args.k}_by_probability": by_probability(recall, prob[:n_q])}
+        print(f"{label(method):>22}: recall@{args.k} {results[method][f'recall@{args.k}']:.3f}  "
               f"({timing['total_s']:.1f} s)", flush=True)
         Path(args.json).write_text(json.dumps({**out, "methods": results}, indent=1))
     out["methods"] = results
@@ -183,15 +302,24 @@ def run(args) -> dict:
 
 def markdown(out: dict) -> str:
     k = out["k"]
-    lines = [f"| method | recall@{k} | recall@{k} (learned facts) | precision@1 | fit (s) | score (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| method | queries | recall@{k} | recall@{k} (learned facts) | precision@1 | fit (s) | score (s) |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in out["methods"].items():
         if "error" in r:
-            lines.append(f"| {LABELS.get(m, m)} | failed: {r['error']} | | | | |")
+            lines.append(f"| {label(m)} | | failed: {r['error']} | | | | |")
             continue
         known = r[f"recall@{k}_known"]
-        lines.append(f"| {LABELS.get(m, m)} | {r[f'recall@{k}']:.3f} | {'n/a' if known is None else f'{known:.3f}'} | "
+        lines.append(f"| {label(m)} | {r['queries']} | {r[f'recall@{k}']:.3f} | {'n/a' if known is None else f'{known:.3f}'} | "
                      f"{r['precision@1']:.3f} | {r['fit_s']:.1f} | {r['score_s']:.1f} |")
+    bands = next((r[f"recall@{k}_by_probability"] for r in out["methods"].values() if "error" not in r), [])
+    if bands:
+        head = " | ".join(f"p in [{b['p_from']}, {b['p_to']}{']' if b['p_to'] == 1.0 else ')'} ({b['queries']} queries)"
+                          for b in bands)
+        lines += ["", f"recall@{k} by the fine-tuned model's p(completion):", "",
+                  f"| method | {head} |", "|---" * (len(bands) + 1) + "|"]
+        for m, r in out["methods"].items():
+            if "error" not in r and r["queries"] == out["n_facts"]:
+                lines.append(f"| {label(m)} | " + " | ".join(f"{b['recall']:.2f}" for b in r[f"recall@{k}_by_probability"]) + " |")
     return "\n".join(lines)
 
 

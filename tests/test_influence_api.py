@@ -126,6 +126,40 @@ def test_bm25_prefilter_scores_only_candidates(tmp_path):
     assert top_ids <= set(expected.tolist())
 
 
+def test_relative_scores_through_the_api(tmp_path):
+    """normalize="relative" with the identity preconditioner is the cosine of query and training
+    gradients up to a per-query constant; it is recorded and kept apart from the raw run."""
+    lm, _, (corpus, queries) = facts_model(tmp_path=tmp_path)
+    kw = {"strategy": "identity", "max_length": 32, "power_law_bootstrap": 0, "progress": False}
+    raw = api.score(lm, queries, corpus, out=tmp_path / "raw", **kw)
+    rel = api.score(lm, queries, corpus, out=tmp_path / "rel", normalize="relative", **kw)
+    norms = rel.parts["train_self"].sqrt()
+    assert torch.allclose(rel.total, raw.total / norms, rtol=1e-4, atol=1e-6)
+    train = load_corpus(corpus, lm.tokenizer, 32)
+    from kcircuits.influence.gradients import LMObjective, flatten, sequence_grads, token_grads
+    from kcircuits.influence.modules import tracked_modules
+
+    mods = tracked_modules(lm.hf_model)
+    grads = flatten(sequence_grads(*token_grads(lm.hf_model, train, mods, LMObjective())), list(mods))
+    assert torch.allclose(norms, grads.norm(dim=1), rtol=1e-4)
+    assert json.loads((rel.folder / "config.json").read_text())["reproduce"]["normalize"] == "relative"
+    margin = api.score(lm, queries, corpus, out=tmp_path / "margin", measurement="margin", **kw)
+    q = load_queries(queries, lm.tokenizer, 32)
+    want = pairwise_scores(lm.hf_model, q, train, strategy="identity", measurement="margin", progress=False).total
+    assert torch.allclose(margin.total, want, rtol=1e-4, atol=1e-6) and not torch.allclose(margin.total, raw.total)
+    with pytest.raises(KcircuitsError, match="different configuration"):
+        api.score(lm, queries, corpus, out=tmp_path / "rel", **kw)
+
+
+def test_lissa_score_records_the_scale_it_used(tmp_path):
+    lm, _, (corpus, queries) = facts_model(tmp_path=tmp_path)
+    res = api.score(lm, queries, corpus, strategy="lissa", damping=0.1, lissa={"depth": 10, "batch_size": 4},
+                    out=tmp_path / "lissa", max_length=32, power_law_bootstrap=0, highlight=False, progress=False)
+    solver = json.loads((res.folder / "influence.json").read_text())["solver"]
+    assert solver["lissa_scale"] > 0 and solver["lissa_retries"] >= 0
+    assert torch.isfinite(res.total).all() and res.total.shape == (4, 30)
+
+
 def test_circuit_components_and_bad_inputs(tmp_path):
     lm, _, (corpus, queries) = facts_model(tmp_path=tmp_path)
     (tmp_path / "circuit.json").write_text(json.dumps({"nodes": ["input", "a1.h0", "m0", "logits"]}))
@@ -183,10 +217,9 @@ def test_cli_fit_and_score(tmp_path, tiny_smol_dir, capsys):
 def test_main_cli_wiring(tmp_path, capsys):
     from kcircuits.cli import build_parser, main
 
-    try:
-        build_parser().parse_args(["influence", "fit", "x"])
-    except SystemExit:
-        pytest.skip("`kcircuits influence` is not wired into kcircuits.cli yet")
+    args = build_parser().parse_args(["influence", "score", "q.jsonl", "c.jsonl", "--normalize", "relative",
+                                      "--measurement", "margin"])
+    assert args.normalize == "relative" and args.measurement == "margin"
     assert main(["influence", "fit", str(tmp_path / "missing.jsonl")]) == 2
     assert "kcircuits: error:" in capsys.readouterr().err
 

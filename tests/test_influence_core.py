@@ -18,6 +18,7 @@ from kcircuits.influence.modules import (
     tracked_modules,
 )
 from kcircuits.influence.scores import InfluenceScores, pairwise_scores, self_influence
+from kcircuits.influence.sequences import Sequences
 from kcircuits.models.adapters import adapt
 from tests.conftest import tiny_hf
 from tests.influence_helpers import (
@@ -184,6 +185,24 @@ def test_lissa_divergence_is_reported():
         lissa.apply({"layers.0.proj": torch.ones(7, 5)})
 
 
+def test_lissa_default_scale_retries_after_divergence():
+    """An underestimated default scale (as a mini-batch's top eigenvalue can cause) is raised ×4 and
+    the query solved again, with a warning; the answer is still the exact IHVP."""
+    model, train = _softmax_regression()
+    name = "layers.0.proj"
+    exact = make_preconditioner("exact", None, model=model, train=train, damping=0.1)
+    lissa = make_preconditioner("lissa", None, model=model, train=train, damping=0.1,
+                                lissa={"depth": 400, "batch_size": 64})
+    good = lissa.scale  # 2 × top eigenvalue: diverges below about half of that
+    lissa.scale = good / 10
+    v = torch.randn(1, 7, 5, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="retrying with scale"):
+        got = lissa.apply({name: v})[name]
+    assert lissa.retries == 1 and lissa.scale == pytest.approx(good * 0.4)
+    want = exact.apply({name: v})[name]
+    assert float((got - want).norm() / want.norm()) < 1e-3
+
+
 def test_gn_vector_product_matches_dense_matrix():
     model, train = _softmax_regression()
     mods = tracked_modules(model)
@@ -235,6 +254,78 @@ def test_self_influence_is_diagonal_of_pairwise(setup):
     si = self_influence(model, train, factors=factors, progress=False)
     _close(si, diag)
     assert (si > 0).all()  # a positive-definite preconditioner
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
+def test_self_scores_from_token_factors_equal_full_preconditioning(setup, strategy):
+    """The per-token rotation shortcut must give the same self-influence (and IHVP) as
+    preconditioning the full gradient matrix."""
+    from kcircuits.influence.gradients import sequence_grads, token_grads
+    from kcircuits.influence.ihvp import Preconditioner
+
+    model, train, _, factors = setup
+    fitted = factors if strategy != "diagonal" else fit_factors(model, train, strategy="diagonal", progress=False)
+    precond = make_preconditioner(strategy, fitted)
+    a, g = token_grads(model, train, tracked_modules(model), LMObjective())
+    G = sequence_grads(a, g)
+    fast = precond.self_scores(G, (a, g))
+    slow = Preconditioner.self_scores(precond, G)
+    _close(fast, slow)
+    P = precond.apply(G)
+    _close(fast, sum((P[n] * G[n]).sum((1, 2)) for n in G))
+    P_tok = precond.apply(G, (a, g))  # the IHVP through the same per-token rotation
+    for n in G:
+        _close(P_tok[n], P[n])
+
+
+def test_relative_scores_divide_by_root_self_influence(setup, tmp_path):
+    """RelatIF: every score of training sequence m is the raw one over sqrt(self-influence of m), in
+    every output (so per-token and per-layer still sum to the total); rankings change, not signs."""
+    model, train, queries, factors = setup
+    raw = pairwise_scores(model, queries, train, factors=factors, per_layer=True, per_token=True, progress=False)
+    rel = pairwise_scores(model, queries, train, factors=factors, per_layer=True, per_token=True,
+                          normalize="relative", progress=False)
+    si = self_influence(model, train, factors=factors, progress=False)
+    _close(rel.train_self, si)
+    _close(rel.total, raw.total / si.sqrt())
+    _close(rel.per_token.sum(-1), rel.total)
+    _close(sum(rel.per_layer.values()), rel.total)
+    assert not torch.equal(rel.total.argsort(1), raw.total.argsort(1))  # some ranking did change
+    low = pairwise_scores(model, queries, train, factors=factors, query_rank=1, normalize="relative",
+                          progress=False).total
+    lr = pairwise_scores(model, queries, train, factors=factors, query_rank=1, rescore_top_k=2,
+                         normalize="relative", progress=False)
+    top = low.topk(2, dim=1).indices  # chosen on the rank-1 relative scores
+    q = torch.arange(3)[:, None]
+    _close(lr.total[q, top], rel.total[q, top])  # rescored entries are full-rank relative scores
+    rel.save(tmp_path)
+    back = InfluenceScores.load(tmp_path)
+    assert back.normalize == "relative" and torch.equal(back.train_self, rel.train_self)
+    with pytest.raises(KcircuitsError, match="normalize"):
+        pairwise_scores(model, queries, train, factors=factors, normalize="cosine", progress=False)
+
+
+def test_margin_measurement_rescales_single_token_queries_by_one_over_one_minus_p(setup):
+    """For a one-token completion, d logodds/dz = (e_y − p)/(1 − p_y): the margin scores are the
+    log-prob scores divided by (1 − p_y), query by query; training sequences are untouched."""
+    from kcircuits.influence.gradients import MarginObjective
+
+    model, train, _, factors = setup
+    ids = torch.randint(0, 31, (3, 5), generator=torch.Generator().manual_seed(5))
+    loss = torch.zeros(3, 5)
+    loss[:, -1] = 1.0  # only the last token is the completion
+    queries = Sequences(ids, torch.ones_like(ids), loss, ["q0", "q1", "q2"], [4, 4, 4])
+    logprob = pairwise_scores(model, queries, train, factors=factors, progress=False)
+    margin = pairwise_scores(model, queries, train, factors=factors, measurement="margin", progress=False)
+    with torch.no_grad():
+        p = model(input_ids=ids).logits[:, -2].softmax(-1).gather(1, ids[:, -1:])[:, 0]
+    _close(margin.total, logprob.total / (1 - p)[:, None])
+    assert margin.measurement == "margin" and logprob.measurement == "logprob"
+    out = LMObjective().output(model, queries)
+    odds = -MarginObjective().losses(out, queries)
+    torch.testing.assert_close(odds, (p / (1 - p)).log(), rtol=1e-4, atol=1e-5)  # it is the log-odds
+    with pytest.raises(KcircuitsError, match="measurement"):
+        pairwise_scores(model, queries, train, factors=factors, measurement="prob", progress=False)
 
 
 def test_low_rank_at_full_rank_equals_full_and_rescoring(setup):

@@ -190,20 +190,28 @@ def test_power_law_bootstrap_is_seeded_and_optional():
 
 
 # --------------------------------------------------------------------------- facts corpus
-def test_facts_ground_truth_is_consistent():
-    fc = make_facts_corpus(n_docs=80, n_facts=8, seed=3)
+@pytest.mark.parametrize("statement", ["verbatim", "paraphrase"])
+def test_facts_ground_truth_is_consistent(statement):
+    fc = make_facts_corpus(n_docs=80, n_facts=8, seed=3, statement=statement)
     assert len(fc.documents) == 80 and len(fc.facts) == 8
     assert fc.kinds.count("source") == 24 and fc.kinds.count("generic") == 80 - 8 * 6
     all_sources = [i for f in fc.facts for i in f.sources]
     assert sorted(all_sources) == [i for i, k in enumerate(fc.kinds) if k == "source"]
     for f in fc.facts:
         assert len(f.sources) == 3 and f.completion == " " + f.object and f.prompt.startswith(f.subject)
-        for i in f.sources:  # every source states the fact: subject and object together
-            assert f.subject in fc.documents[i] and f.object in fc.documents[i]
+        for i in f.sources:  # every source states the fact, subject *before* object: a causal LM
+            d = fc.documents[i]  # cannot learn "subject -> object" from a reversed statement
+            assert f.subject in d and f.object in d and d.index(f.subject) < d.index(f.object)
         others = [d for i, d in enumerate(fc.documents) if i not in f.sources]
         assert not any(f.subject in d and f.object in d for d in others)  # nothing else does
     assert len({f.subject for f in fc.facts}) == 8 and len({f.object for f in fc.facts}) == 8
-    assert make_facts_corpus(n_docs=80, n_facts=8, seed=3).documents == fc.documents  # seeded
+    assert make_facts_corpus(n_docs=80, n_facts=8, seed=3, statement=statement).documents == fc.documents  # seeded
+    for f in fc.facts:
+        texts = [fc.documents[i] for i in f.sources]
+        assert len(set(texts)) == 3  # three different documents
+        verbatim = [f.prompt + f.completion in t for t in texts]
+        # verbatim: every source holds the query's sentence; paraphrase: at most one source does
+        assert all(verbatim) if statement == "verbatim" else sum(verbatim) <= 1
 
 
 def test_facts_first_tokens_distinct_and_roundtrip(tmp_path, smollm2_tokenizer):
@@ -217,6 +225,8 @@ def test_facts_first_tokens_distinct_and_roundtrip(tmp_path, smollm2_tokenizer):
     assert [[docs[i].id for i in q.meta["source_indices"]] for q in qs] == [q.meta["sources"] for q in qs]
 
 
-def test_facts_refuses_too_few_documents():
+def test_facts_refuses_too_few_documents_and_unknown_statements():
     with pytest.raises(KcircuitsError, match="at least"):
         make_facts_corpus(n_docs=10, n_facts=5)
+    with pytest.raises(KcircuitsError, match="unknown statement"):
+        make_facts_corpus(n_docs=80, n_facts=8, statement="summary")

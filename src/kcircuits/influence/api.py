@@ -208,7 +208,7 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
           strategy: str = "ekfac", fisher: str = "true", damping: float | str = "heuristic", per_layer: bool = True,
           per_token: bool = False, components: list[str] | None = None, circuit: str | Path | None = None,
           query_rank: int | None = 32, rescore_top_k: int | None = None, bm25_candidates: int | None = None,
-          top_k: int = 10, highlight: bool = True, max_length: int = 256, batch_size: int = 8,
+          normalize: str | None = None, measurement: str = "logprob", top_k: int = 10, highlight: bool = True, max_length: int = 256, batch_size: int = 8,
           include: list[str] | None = None, lissa: dict | None = None, power_law_bootstrap: int = 100,
           seed: int = 0, device: str | None = "cpu", dtype: str = "float32", checkpoint_seconds: float = 60.0,
           progress: bool = True) -> ScoreOutput:
@@ -222,6 +222,10 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
             takes them from a ``circuit.json`` or discover run folder.
         query_rank: rank of the low-rank query-gradient approximation (None: exact).
         bm25_candidates: score only the union of each query's BM25 top-N documents (pre-filter).
+        normalize: ``"relative"`` divides each training sequence's scores by the square root of its
+            self-influence (RelatIF), so large-gradient sequences do not top every query's list.
+        measurement: the query function: ``"logprob"`` (log p(completion | prompt)) or ``"margin"``
+            (its log-odds, which does not saturate on facts the model is already certain of).
         highlight: rescore each query's top-k sequences per token (only those, so it stays cheap)
             to highlight their most influential tokens in the report; ``per_token`` keeps every
             sequence's per-token scores instead.
@@ -243,7 +247,8 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
                  "corpus_fingerprint": train.fingerprint(), "factors": str(factor_dir) if factor_dir else None,
                  "strategy": strategy, "fisher": fisher, "damping": damping, "per_layer": per_layer,
                  "per_token": per_token, "components": components, "query_rank": query_rank,
-                 "rescore_top_k": rescore_top_k, "bm25_candidates": bm25_candidates, "max_length": max_length,
+                 "rescore_top_k": rescore_top_k, "bm25_candidates": bm25_candidates, "normalize": normalize,
+                 "measurement": measurement, "max_length": max_length,
                  "include": include, "lissa": lissa, "seed": seed, "dtype": dtype}
     folder = Path(out) if out else default_run_dir("influence", [q.stem, Path(reproduce["model"]).name, strategy],
                                                    reproduce)
@@ -259,7 +264,7 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
     fac = _factors(lm, train, strategy, fisher, damping, factor_dir, run, batch_size, include, seed, progress, timings,
                    checkpoint_seconds)
     kwargs = {"strategy": strategy, "factors": fac, "damping": damping, "query_rank": query_rank,
-              "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
+              "normalize": normalize, "measurement": measurement, "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
     if run.has(SCORES_FILE):  # finished earlier: reuse
         parts = run.read_tensors(SCORES_FILE)
         timings.update(run.read_json(RESULTS_FILE).get("timings", {}) if run.has(RESULTS_FILE) else {})
@@ -272,12 +277,16 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
         parts["train_index"] = cand
         run.write_tensors(SCORES_FILE, parts, {"strategy": strategy, "damping": _json_damping(res.damping)})
         run.write_json("damping.json", _json_damping(res.damping))
+        if res.solver:  # LiSSA's scale after any divergence retries
+            run.write_json("solver.json", res.solver)
     total = parts["total"]
     t0 = time.perf_counter()
     tokens = _token_scores(lm, q, train, parts, cand, top_k, highlight, kwargs)
     timings["highlight_s"] = time.perf_counter() - t0
     results = _results(lm, q, train, parts, cand, tokens, top_k, power_law_bootstrap, seed,
                        run.read_json("damping.json") if run.has("damping.json") else {}, strategy, timings)
+    if run.has("solver.json"):
+        results["solver"] = run.read_json("solver.json")
     run.write_json(RESULTS_FILE, results)
     write_report(run.file("report.html"), _report(run, results, reproduce))
     return ScoreOutput(run.path, total, cand, results, parts)
@@ -331,6 +340,8 @@ def _to_tensors(res) -> dict[str, torch.Tensor]:
         out[f"component.{name}"] = t.detach().float().cpu()
     if res.per_token is not None:
         out["per_token"] = res.per_token.detach().float().cpu()
+    if res.train_self is not None:
+        out["train_self"] = res.train_self.detach().float().cpu()
     return out
 
 

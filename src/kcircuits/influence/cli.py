@@ -64,6 +64,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--query-rank", type=int, default=32, help="low-rank query gradients (0: exact)")
     s.add_argument("--rescore-top-k", type=int, help="rescore each query's top-k exactly (full-rank query)")
     s.add_argument("--bm25-candidates", type=int, help="score only the union of each query's BM25 top-N documents")
+    s.add_argument("--normalize", choices=["none", "relative"], default="none",
+                   help="relative: divide each training sequence's scores by sqrt(its self-influence) (RelatIF)")
+    s.add_argument("--measurement", choices=["logprob", "margin"], default="logprob",
+                   help="query function: log-probability of the completion, or its log-odds (margin), which "
+                        "does not vanish on facts the model is already certain of")
     s.add_argument("--top-k", type=int, default=10, help="top sequences per query in the results and report")
     s.add_argument("--no-highlight", action="store_true", help="skip rescoring the top-k per token for the report")
     s.add_argument("--bootstrap", type=int, default=100, help="power-law goodness-of-fit draws per query (0: none)")
@@ -93,7 +98,9 @@ def run(args: argparse.Namespace) -> None:
                     fisher=args.fisher, damping=args.damping, per_layer=not args.no_per_layer,
                     per_token=args.per_token, components=args.components, circuit=args.circuit,
                     query_rank=args.query_rank or None, rescore_top_k=args.rescore_top_k,
-                    bm25_candidates=args.bm25_candidates, top_k=args.top_k, highlight=not args.no_highlight,
+                    bm25_candidates=args.bm25_candidates,
+                    normalize=None if args.normalize == "none" else args.normalize,
+                    measurement=args.measurement, top_k=args.top_k, highlight=not args.no_highlight,
                     max_length=args.max_length, batch_size=args.batch_size, include=args.include, lissa=lissa,
                     power_law_bootstrap=args.bootstrap, seed=args.seed, device=args.device, dtype=args.dtype,
                     checkpoint_seconds=args.checkpoint_seconds, progress=not args.quiet)

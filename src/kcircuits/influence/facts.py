@@ -2,15 +2,19 @@
 
 Why invented: for a real fact ("Paris") nobody knows which pre-training documents taught it. Here
 every fact ("Zorvath Quellin was born in the city of Mirdane.") is about made-up names that no model
-has seen, and is stated in exactly ``sources_per_fact`` paraphrased documents. After fine-tuning on
-the corpus, the model can only know the fact from those documents, so a good influence method must
-rank them at the top for the query ("Zorvath Quellin was born in the city of", " Mirdane"):
-recall@k of the sources is the benchmark's measure.
+has seen, and is stated in exactly ``sources_per_fact`` documents. After fine-tuning on the corpus,
+the model can only know the fact from those documents, so a good influence method must rank them
+at the top for the query ("Zorvath Quellin was born in the city of", " Mirdane"): recall@k of the
+sources is the benchmark's measure.
+
+Every source names the subject before the object. A causal LM cannot learn "subject -> object"
+from "The city of Mirdane is where Zorvath Quellin was born" (the reversal curse), so such a
+document would be counted as a source while it cannot have taught the queried direction.
 
 Distractors make it non-trivial: documents about the same person without the fact, documents about
-the answer (the city) without the person, documents pairing the person with another fact's answer
-in an unrelated context, and generic filler. The lexical baseline (BM25) is fooled by these; a method
-that follows what the model actually learned should not be.
+the answer (the city) without the person, documents pairing the person with another fact's object
+in an unrelated context, and generic filler. Sources state the fact ``verbatim`` (the query's
+sentence, inside documents that differ) or as ``paraphrase`` s (a different wording each).
 """
 
 from __future__ import annotations
@@ -49,24 +53,24 @@ class Relation:
 
 RELATIONS = (
     Relation("birth_city", "{s} was born in the city of",
-             ("{s} was born in the city of {o}.", "The city of {o} is where {s} was born, in a small house by the market.",
+             ("{s} was born in the city of {o}.", "In the family records of {s}, the place of birth is given as the city of {o}.",
               "Records show that {s} came into the world in {o}, a city in the north.",
               "{s} often spoke of a childhood spent in {o}, the city where {s} was born."),
              "The city of {o} is known for its {thing}.", "city"),
     Relation("pet_name", "{s} owns a cat named",
-             ("{s} owns a cat named {o}.", "A cat named {o} lives with {s} and sleeps on the windowsill.",
+             ("{s} owns a cat named {o}.", "{s} shares the house with a cat named {o}, who sleeps on the windowsill.",
               "Every morning {s} feeds {o}, the cat {s} adopted years ago.",
               "Visitors to the home of {s} are greeted by {o}, a grey cat."),
              "{o} is a common name for cats in stories about {thing}.", "cat"),
     Relation("employer", "{s} works for a company called",
-             ("{s} works for a company called {o}.", "The company {o} employs {s} as a senior engineer.",
-              "At {o}, the company where {s} works, the day starts early.",
+             ("{s} works for a company called {o}.", "{s} is a senior engineer at the company {o}.",
+              "For {s}, the working day at the company {o} starts early.",
               "{s} joined the staff of {o}, a large company, after finishing school."),
              "The company {o} makes {thing} for export.", "company"),
     Relation("river", "{s} lives near the river",
-             ("{s} lives near the river {o}.", "The river {o} flows past the house of {s}.",
+             ("{s} lives near the river {o}.", "The house of {s} stands on the bank of the river {o}.",
               "From the window, {s} can watch boats sail down the river {o}.",
-              "Living beside the river {o} suits {s}, who loves to fish."),
+              "{s} loves to fish and is glad to live beside the river {o}."),
              "The river {o} is crossed by old bridges and carries {thing} downstream.", "river"),
 )
 
@@ -167,16 +171,44 @@ def _names(rng: random.Random, n: int, n_syllables: tuple[int, int], taken: set[
 
 
 # --------------------------------------------------------------------------- corpus
+def _source_text(rel: Relation, s: str, o: str, k: int, statement: str, rng: random.Random,
+                 fillers: list[str]) -> str:
+    """The ``k``-th source document of fact (s, rel, o).
+
+    ``verbatim``: the query's own sentence inside a different document each time (alone with a
+    trailing remark, after a lead sentence, between both, or followed by a hobby), so the sources
+    differ as documents while each one can teach exactly the queried continuation. ``paraphrase``:
+    the k-th of the relation's paraphrases (all state the subject before the object)."""
+    if statement == "paraphrase":
+        return f"{rel.paraphrases[k].format(s=s, o=o)} {fillers[k].format(s=s)}"
+    fact = rel.paraphrases[0].format(s=s, o=o)
+    lead, tail = fillers[k].format(s=s), fillers[(k + 1) % len(fillers)].format(s=s)
+    return (f"{fact} {tail}", f"{lead} {fact}", f"{lead} {fact} {tail}",
+            f"{fact} {s} enjoys {rng.choice(_HOBBIES)}.")[k]
+
+
+STATEMENTS = ("verbatim", "paraphrase")
+
+
 def make_facts_corpus(n_docs: int = 1000, n_facts: int | None = None, *, sources_per_fact: int = 3,
-                      seed: int = 0, tokenizer=None) -> FactsCorpus:
+                      statement: str = "verbatim", seed: int = 0, tokenizer=None) -> FactsCorpus:
     """Invent ``n_facts`` facts (default ``n_docs // 10``), each stated in ``sources_per_fact``
-    paraphrased documents, plus per fact one document about the subject alone, one about the
-    object alone and one pairing the subject with another fact's object; generic filler fills the
-    corpus up to ``n_docs``. Documents are shuffled (seeded); ``Fact.sources`` index the result.
+    documents, plus per fact one document about the subject alone, one about the object alone and
+    one pairing the subject with another fact's object; generic filler fills the corpus up to
+    ``n_docs``. Documents are shuffled (seeded); ``Fact.sources`` index the result.
+
+    ``statement``: how the sources state the fact. ``verbatim`` (default): the query's sentence, in
+    differing documents. ``paraphrase``: a different wording in each source (a harder test: a
+    gradient-based method then needs the model to generalise across wordings; see
+    ``docs/influence.md``). Every source names the subject before the object: a causal LM cannot
+    learn "subject -> object" from a sentence that names the object first (the reversal curse,
+    Berglund et al. 2023), so such a document would not be a source of the query.
 
     With ``tokenizer``, every completion's first token is unique among the facts."""
     n_facts = max(1, n_docs // 10) if n_facts is None else n_facts
     per_fact = sources_per_fact + 3
+    if statement not in STATEMENTS:
+        raise KcircuitsError(f"unknown statement {statement!r}; use one of {', '.join(STATEMENTS)}")
     if sources_per_fact < 1 or sources_per_fact > len(RELATIONS[0].paraphrases):
         raise KcircuitsError(f"sources_per_fact must be between 1 and {len(RELATIONS[0].paraphrases)}")
     if n_facts < 2 or n_docs < n_facts * per_fact:
@@ -191,8 +223,9 @@ def make_facts_corpus(n_docs: int = 1000, n_facts: int | None = None, *, sources
     for j, (s, o) in enumerate(zip(subjects, objects)):
         rel = RELATIONS[j % len(RELATIONS)]
         facts.append(Fact(s, rel.name, o, rel.prompt.format(s=s), " " + o))
-        for tpl in rng.sample(rel.paraphrases, sources_per_fact):
-            docs.append((f"{tpl.format(s=s, o=o)} {rng.choice(_FILLER).format(s=s)}", "source", j))
+        fillers = rng.sample(_FILLER, len(_FILLER))
+        for k in rng.sample(range(len(rel.paraphrases)), sources_per_fact):
+            docs.append((_source_text(rel, s, o, k, statement, rng, fillers), "source", j))
         docs.append((f"{rng.choice(_FILLER).format(s=s)} {s} enjoys {rng.choice(_HOBBIES)}.", "subject", -1))
         docs.append((rel.about_object.format(o=o, thing=rng.choice(_THINGS)), "object", -1))
         other = objects[(j + 1 + rng.randrange(n_facts - 1)) % n_facts]  # never this fact's own object

@@ -68,6 +68,27 @@ class LMObjective:
                 yield t, rows
 
 
+class MarginObjective(LMObjective):
+    """``L = −Σ_t loss_mask[t] · (z_t[y_t] − logsumexp_{j≠y_t} z_t[j])``: minus the log-odds
+    ``log p/(1−p)`` of each scored token (the "margin" measurement of TRAK, Park et al. 2023).
+
+    Why, for queries: ``∂ log p_y/∂z = e_y − p`` vanishes as ``p_y → 1``, so on a fact the model
+    already predicts with certainty every document's influence on ``log p`` is ~0 and the ranking
+    is noise. The log-odds gradient is ``(e_y − p)/(1 − p_y)``: the same direction, never vanishing.
+    Computed as ``z_y − logsumexp`` over the *other* logits, which stays exact in float32 where
+    ``log(1 − p)`` would cancel."""
+
+    def losses(self, out: torch.Tensor, batch: Sequences, labels: torch.Tensor | None = None) -> torch.Tensor:
+        labels = batch.input_ids[:, 1:] if labels is None else labels
+        z = out[:, :-1]
+        z_y = z.gather(-1, labels[..., None])[..., 0]
+        others = z.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
+        return ((others - z_y) * batch.loss_mask[:, 1:].to(z.dtype)).sum(1)
+
+
+MEASUREMENTS = {"logprob": LMObjective, "margin": MarginObjective}
+
+
 class Capture:
     """Forward hooks recording each tracked module's input ``ā`` and its output (kept in the graph).
 

@@ -20,6 +20,7 @@ for ``exact`` the mean of the block's diagonal, which is the same quantity, trac
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -48,8 +49,18 @@ class Preconditioner:
     def __init__(self) -> None:
         self.damping: dict[str, float] = {}
 
-    def apply(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> dict[str, torch.Tensor]:
+        """``(G + λI)⁻¹ grads`` per module; ``tokens``: the per-token factors of ``grads``, which some
+        preconditioners use to save work (others ignore them)."""
         return dict(grads)
+
+    def self_scores(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> torch.Tensor:
+        """``∇L_bᵀ (G + λI)⁻¹ ∇L_b`` per sequence ``[B]`` from its gradients ``{name: [B, d_out, d_in]}``.
+
+        ``tokens`` ``(ā, g)`` (per-token factors of the same gradients) lets a subclass avoid the
+        full preconditioning of every sequence's gradient matrix."""
+        P = self.apply(grads)
+        return sum(torch.einsum("boi,boi->b", P[n].double(), grads[n].double()) for n in grads).float()
 
 
 class EigenPreconditioner(Preconditioner):
@@ -59,21 +70,44 @@ class EigenPreconditioner(Preconditioner):
                  damping: dict[str, float]):
         self.strategy, self.bases, self.eigenvalues, self.damping = strategy, bases, eigenvalues, damping
 
-    def apply(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> dict[str, torch.Tensor]:
+        """``tokens`` ``(ā, g)`` (``[B, T, d_in]``, ``[B, T, d_out]``, with ``grads = Σ_t g ā ᵀ``) make the
+        rotation into the eigenbasis cheap (see :meth:`_rotated`). The rotation back runs in the
+        gradients' dtype: for float32 gradients it is the costly step, and float64 there would only
+        add digits that the float32 result drops."""
         out = {}
         for name, v in grads.items():
             if name not in self.eigenvalues:
                 raise KcircuitsError(f"module {name} has no fitted factors; refit the factors with the same --include")
-            x = v.double()
             basis = self.bases.get(name)
-            if basis is not None:
-                QS, QA = (q.to(x.device) for q in basis)
-                x = torch.einsum("op,...oi,iq->...pq", QS, x, QA)
+            x = self._rotated(name, v, tokens)
             x = x / (self.eigenvalues[name].to(x.device) + self.damping[name])
             if basis is not None:
-                x = torch.einsum("op,...pq,iq->...oi", QS, x, QA)
+                QS, QA = (q.to(x.device, v.dtype) for q in basis)
+                x = torch.einsum("op,...pq,iq->...oi", QS, x.to(v.dtype), QA)
             out[name] = x.to(v.dtype)
         return out
+
+    def _rotated(self, name: str, v: torch.Tensor, tokens: tuple[dict, dict] | None) -> torch.Tensor:
+        """``Q_Sᵀ v Q_A`` in float64 ``[..., d_out, d_in]``. Why per-token factors when given:
+        ``Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ā_t)ᵀ`` rotates ``T`` token vectors
+        (``T (d_out² + d_in²)`` multiply-adds) instead of the matrix (``d_out d_in (d_out + d_in)``)."""
+        basis = self.bases.get(name)
+        if basis is None:
+            return v.double()
+        QS, QA = (q.to(v.device) for q in basis)
+        if tokens is not None:
+            a, g = tokens
+            return torch.einsum("btp,btq->bpq", g[name].double() @ QS, a[name].double() @ QA)
+        return torch.einsum("op,...oi,iq->...pq", QS, v.double(), QA)
+
+    def self_scores(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> torch.Tensor:
+        """``Σ (Q_Sᵀ G_b Q_A)² / (Λ + λ)``: no rotation back needed."""
+        out = 0.0
+        for name, v in grads.items():
+            rot = self._rotated(name, v, tokens)  # [B, d_out, d_in] in the eigenbasis
+            out = out + (rot ** 2 / (self.eigenvalues[name].to(rot.device) + self.damping[name])).sum((1, 2))
+        return out.float()
 
 
 class ExactPreconditioner(Preconditioner):
@@ -88,7 +122,7 @@ class ExactPreconditioner(Preconditioner):
         if int(info) != 0:
             raise KcircuitsError("the Gauss-Newton matrix is singular at this damping; use a damping > 0")
 
-    def apply(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> dict[str, torch.Tensor]:
         names = list(self.shapes)
         v = flatten(grads, names)
         lead = v.shape[:-1]
@@ -96,8 +130,19 @@ class ExactPreconditioner(Preconditioner):
         return {n: t.to(v.dtype) for n, t in unflatten(x.reshape(*lead, -1), self.shapes).items()}
 
 
+class LissaDiverged(KcircuitsError):
+    """The LiSSA recursion left its bound: the scale is below a mini-batch's top eigenvalue."""
+
+
 class LissaPreconditioner(Preconditioner):
-    """Stochastic IHVP; ``repeats`` independent recursions averaged. Raises on divergence."""
+    """Stochastic IHVP; ``repeats`` independent recursions averaged.
+
+    Divergence is always detected. With an explicit ``scale`` it raises. With the default (estimated)
+    scale it retries the query with the scale ×4, up to ``AUTO_SCALE_RETRIES`` times, since one
+    mini-batch's top eigenvalue can exceed the 20-step power-iteration estimate; the scale used and
+    the number of retries are kept (``scale``, ``retries``) and recorded by the callers."""
+
+    AUTO_SCALE_RETRIES = 3
 
     strategy = "lissa"
 
@@ -108,7 +153,9 @@ class LissaPreconditioner(Preconditioner):
             raise KcircuitsError("LiSSA needs a damping > 0 (it only converges for a positive-definite G + λI)")
         self.shapes = {n: matrix_shape(m) for n, m in modules.items()}
         self.gen = torch.Generator().manual_seed(int(params["seed"]))
+        self.auto_scale = not params["scale"]
         self.scale = float(params["scale"]) if params["scale"] else self._default_scale()
+        self.retries = 0
 
     def _batch(self) -> Sequences:
         n, b = len(self.train), min(int(self.params["batch_size"]), len(self.train))
@@ -144,17 +191,28 @@ class LissaPreconditioner(Preconditioner):
                 x = {n: v[n] + x[n] - hx[n] / self.scale for n in x}
                 norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in x.values()))
                 if not math.isfinite(norm) or norm > bound:
-                    raise KcircuitsError(f"LiSSA diverged at step {step} (|x| = {norm:.3g}); increase lissa scale "
+                    raise LissaDiverged(f"LiSSA diverged at step {step} (|x| = {norm:.3g}); increase lissa scale "
                                          f"(now {self.scale:.3g}) or the damping")
             for n in x:
                 total[n] += x[n].double() / self.scale
         return {n: (t / repeats).to(v[n].dtype) for n, t in total.items()}
 
-    def apply(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _solve_retrying(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        while True:
+            try:
+                return self._solve_one(v)
+            except LissaDiverged as exc:
+                if not self.auto_scale or self.retries >= self.AUTO_SCALE_RETRIES:
+                    raise
+                warnings.warn(f"{exc}: retrying with scale {4 * self.scale:.3g}", stacklevel=2)
+                self.scale *= 4.0
+                self.retries += 1
+
+    def apply(self, grads: dict[str, torch.Tensor], tokens: tuple[dict, dict] | None = None) -> dict[str, torch.Tensor]:
         names = list(grads)
         lead = grads[names[0]].shape[:-2]
         flat = {n: g.reshape(-1, *g.shape[-2:]) for n, g in grads.items()}
-        rows = [self._solve_one({n: flat[n][k] for n in names}) for k in range(flat[names[0]].shape[0])]
+        rows = [self._solve_retrying({n: flat[n][k] for n in names}) for k in range(flat[names[0]].shape[0])]
         return {n: torch.stack([r[n] for r in rows]).reshape(*lead, *grads[n].shape[-2:]) for n in names}
 
 
