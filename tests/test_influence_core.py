@@ -10,6 +10,7 @@ from kcircuits.influence.factors import Factors, fit_factors
 from kcircuits.influence.gradients import LMObjective, flatten, gn_vector_product
 from kcircuits.influence.ihvp import make_preconditioner
 from kcircuits.influence.modules import (
+    matrix_shape,
     component_blocks,
     module_layer,
     module_params,
@@ -201,6 +202,24 @@ def test_lissa_default_scale_retries_after_divergence():
     assert lissa.retries == 1 and lissa.scale == pytest.approx(good * 0.4)
     want = exact.apply({name: v})[name]
     assert float((got - want).norm() / want.norm()) < 1e-3
+
+
+def test_gn_vector_product_runs_through_sdpa_attention():
+    """HF models load with SDPA attention, whose fused CPU kernel has no double backward: the
+    Gauss-Newton product (LiSSA) must still work and agree with the eager-attention model."""
+    import copy
+
+    eager = tiny_hf("llama", 0)
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    assert sdpa.config._attn_implementation == "sdpa"
+    train = rand_seqs(3, 6, vocab=sdpa.config.vocab_size, seed=2)
+    mods_s, mods_e = tracked_modules(sdpa), tracked_modules(eager)
+    name = next(iter(mods_s))
+    v = {n: torch.randn(*matrix_shape(m), generator=torch.Generator().manual_seed(1)) for n, m in mods_s.items()}
+    got = gn_vector_product(sdpa, train, mods_s, LMObjective(), v)
+    want = gn_vector_product(eager, train, mods_e, LMObjective(), v)
+    torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
 def test_gn_vector_product_matches_dense_matrix():

@@ -207,10 +207,14 @@ def gn_vector_product(model, batch: Sequences, modules: dict[str, torch.nn.Modul
     ``J v`` uses the double-backward trick: ``Jᵀu`` is linear in a dummy ``u``, so ``∂(⟨Jᵀu, v⟩)/∂u = J v``.
     ``vec``: ``{name: [d_out, d_in(+1)]}``; returns the same layout.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     names = list(modules)
     params = [p for n in names for p in module_params(modules[n])]
     flat_v = [t for n in names for t in matrix_to_params(modules[n], vec[n].to(torch.float32))]
-    with Capture(modules), torch.enable_grad():
+    # the double backward needs the math attention kernel: the fused CPU/flash kernels have no
+    # derivative of their backward (HF models default to SDPA attention)
+    with Capture(modules), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         out = objective.output(model, batch)
         u = torch.zeros_like(out, requires_grad=True)
         jt_u = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
