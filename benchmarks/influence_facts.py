@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kcircuits.errors import KcircuitsError
+from kcircuits.io import atomic_torch_save, atomic_write_json
 from kcircuits.influence.analysis import recall_at_k
 from kcircuits.influence.bm25 import BM25
 from kcircuits.influence.factors import Factors, fit_factors
@@ -186,12 +187,6 @@ def finetune_config(args) -> dict:
                                           "target_accuracy", "train_only", "max_length", "batch_size", "seed")}
 
 
-def atomic_torch_save(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def cached_factors(strategy: str, model, train: Sequences, args, include) -> tuple:
     """``(factors, fit seconds)``: fitted here, or loaded from ``--finetuned``'s companion folder
     when an earlier run of the same configuration saved them (the fit time is the original one)."""
@@ -206,8 +201,8 @@ def cached_factors(strategy: str, model, train: Sequences, args, include) -> tup
     fit_s = time.perf_counter() - t0
     if folder is not None:
         factors.save(folder)
-        (folder / "fit_seconds.json").write_text(json.dumps({"fit_s": fit_s, "config": {**finetune_config(args),
-                                                                                         "include": include}}))
+        atomic_write_json(folder / "fit_seconds.json", {"fit_s": fit_s, "config": {**finetune_config(args),
+                                                                                  "include": include}})
     return factors, fit_s
 
 

@@ -43,6 +43,11 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     _atomic(path, lambda fh: fh.write(blob))
 
 
+def atomic_torch_save(path: str | os.PathLike, obj) -> None:
+    """``torch.save`` that never leaves a half-written file (benchmarks' cached fine-tunes)."""
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
