@@ -47,11 +47,12 @@ METHODS = ("ekfac", "kfac", "lissa", "identity", "ekfac_relative", "identity_rel
            "ekfac_relative_margin", "identity_margin", "bm25", "bm25_prompt")
 LABELS = {"ekfac": "EK-FAC", "kfac": "KFAC", "lissa": "LiSSA", "identity": "gradient dot product",
           "bm25": "BM25 (prompt + completion)", "bm25_prompt": "BM25 (prompt only)"}
-OPTIONS = {"relative": "relative (RelatIF)", "margin": "margin f"}
+OPTIONS = {"relative": "relative (RelatIF)", "margin": "margin f", "checkpoints": "summed over epoch checkpoints"}
 
 
 def split_method(method: str) -> tuple[str, dict]:
-    """``"ekfac_relative_margin"`` -> ``("ekfac", {"normalize": "relative", "measurement": "margin"})``."""
+    """``"ekfac_relative_margin"`` -> ``("ekfac", {"normalize": "relative", "measurement": "margin"})``;
+    the ``checkpoints`` option is not a scoring option: see :func:`influence_method`."""
     strategy, *options = method.split("_")
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -122,20 +123,24 @@ def build(args):
     return lm.hf_model, lm.tokenizer, fc
 
 
-def influence_method(method: str, model, queries: Sequences, train: Sequences, args, include, cache: dict):
+def influence_method(method: str, model, queries: Sequences, train: Sequences, args, include, cache: dict,
+                     checkpoints: list[dict] | None = None, epoch: int | None = None):
     """Score matrix ``[n_q, n_train]`` and the timing breakdown of one influence method
-    (``<strategy>[_relative][_margin]``: see :func:`split_method`).
+    (``<strategy>[_relative][_margin][_checkpoints]``: see :func:`split_method`).
 
     Factors are fitted once per strategy and reused (``cache``); a method reusing them reports the
     original fit time, so each row's total is what that method costs on its own. LiSSA uses
-    factors only for its damping (the same heuristic λ as EK-FAC/KFAC)."""
+    factors only for its damping (the same heuristic λ as EK-FAC/KFAC). ``epoch`` names the
+    checkpoint the model holds (None: the final weights), for the factor cache."""
+    if "checkpoints" in method.split("_")[1:]:
+        return summed_over_checkpoints(method, model, queries, train, args, include, cache, checkpoints)
     strategy, options = split_method(method)
     needs = strategy if strategy in ("ekfac", "kfac") else ("kfac" if strategy == "lissa" else None)
     factors, fit_s = None, 0.0
     if needs is not None:
         have = cache.get(needs) or (cache.get("ekfac") if strategy == "lissa" else None)
         if have is None:
-            have = cached_factors(needs, model, train, args, include)
+            have = cached_factors(needs, model, train, args, include, epoch)
             cache[needs] = have
         factors, fit_s = have
     queries_used = queries if strategy != "lissa" or not args.lissa_queries else queries.subset(range(args.lissa_queries))
@@ -145,6 +150,35 @@ def influence_method(method: str, model, queries: Sequences, train: Sequences, a
                           lissa=lissa_options(args) if strategy == "lissa" else None)
     score_s = time.perf_counter() - t1
     return res.total, {"fit_s": fit_s, "score_s": score_s, "total_s": fit_s + score_s, **res.solver}
+
+
+def summed_over_checkpoints(method: str, model, queries: Sequences, train: Sequences, args, include, cache: dict,
+                            checkpoints: list[dict] | None):
+    """The method's scores at the end of every fine-tuning epoch, summed (TracIn-CP's sum over
+    checkpoints, with each checkpoint's own curvature: Bae et al. 2024's SOURCE in its simplest
+    form). Equal weights: the learning rate is constant.
+
+    Why: a source the final model has memorised has a vanishing loss gradient at the answer, so
+    it is invisible at the final parameters; at the earlier checkpoints, while the fact was being
+    learned, it is not. Each checkpoint's factors are fitted on its own weights (cached per epoch)."""
+    if not checkpoints:
+        raise KcircuitsError("no per-epoch checkpoints: this fine-tune was saved without them; delete the "
+                             "--finetuned file and fine-tune again")
+    base = method.replace("_checkpoints", "")
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if n in checkpoints[-1]}
+    total, timing = None, {"fit_s": 0.0, "score_s": 0.0, "total_s": 0.0}
+    try:
+        for epoch, weights in enumerate(checkpoints, 1):
+            last = epoch == len(checkpoints)
+            model.load_state_dict(weights, strict=False)
+            scores, t = influence_method(base, model, queries, train, args, include,
+                                         cache if last else cache.setdefault(f"epoch {epoch}", {}),
+                                         epoch=None if last else epoch)
+            total = scores if total is None else total + scores
+            timing = {k: timing[k] + t[k] for k in timing}
+    finally:
+        model.load_state_dict(final, strict=False)
+    return total, timing
 
 
 PROBABILITY_BINS = (0.0, 0.9, 0.99, 0.999, 1.0)
@@ -187,13 +221,16 @@ def finetune_config(args) -> dict:
                                           "target_accuracy", "train_only", "max_length", "batch_size", "seed")}
 
 
-def cached_factors(strategy: str, model, train: Sequences, args, include) -> tuple:
+def cached_factors(strategy: str, model, train: Sequences, args, include, epoch: int | None = None) -> tuple:
     """``(factors, fit seconds)``: fitted here, or loaded from ``--finetuned``'s companion folder
-    when an earlier run of the same configuration saved them (the fit time is the original one)."""
-    folder = Path(f"{args.finetuned}.{strategy}-factors") if args.finetuned else None
+    when an earlier run of the same configuration saved them (the fit time is the original one).
+    ``epoch``: the model holds that epoch's checkpoint, not the final weights."""
+    suffix = "" if epoch is None else f"-epoch{epoch}"
+    folder = Path(f"{args.finetuned}.{strategy}-factors{suffix}") if args.finetuned else None
+    config = {**finetune_config(args), "include": include, **({} if epoch is None else {"epoch": epoch})}
     if folder is not None and (folder / "fit_seconds.json").exists():
         info = json.loads((folder / "fit_seconds.json").read_text())
-        if info["config"] == {**finetune_config(args), "include": include}:
+        if info["config"] == config:
             return Factors.load(folder), info["fit_s"]
     t0 = time.perf_counter()
     factors = fit_factors(model, train, strategy=strategy, batch_size=args.batch_size, seed=args.seed,
@@ -201,8 +238,7 @@ def cached_factors(strategy: str, model, train: Sequences, args, include) -> tup
     fit_s = time.perf_counter() - t0
     if folder is not None:
         factors.save(folder)
-        atomic_write_json(folder / "fit_seconds.json", {"fit_s": fit_s, "config": {**finetune_config(args),
-                                                                                  "include": include}})
+        atomic_write_json(folder / "fit_seconds.json", {"fit_s": fit_s, "config": config})
     return factors, fit_s
 
 
@@ -236,15 +272,20 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     out["loss_per_epoch"], out["accuracy_per_epoch"] = [], []
     saved = Path(args.finetuned) if args.finetuned else None
+    trained = {n for n, p in model.named_parameters()
+               if train_only is None or any(fnmatch.fnmatchcase(n, pat) for pat in train_only)}
+    checkpoints: list[dict] = []  # the trained weights at the end of each epoch (the last: the final weights)
     if saved is not None and saved.exists():  # a finished fine-tune of this configuration: reuse it
         state = torch.load(saved)
         if state.get("config") != finetune_config(args):
             raise KcircuitsError(f"{saved} holds a fine-tune of another configuration; delete it or pass another path")
         model.load_state_dict(state["weights"], strict=False)
         out.update(state["log"])
+        checkpoints = state.get("epoch_weights", [])
     for epoch in range(args.epochs if "finetune_s" not in out else 0):  # stop as soon as the facts are known
         out["loss_per_epoch"] += finetune(model, train, epochs=1, lr=args.lr, batch_size=args.batch_size,
                                           train_only=train_only, seed=args.seed + epoch, progress=False)
+        checkpoints.append({n: t.detach().clone() for n, t in model.state_dict().items() if n in trained})
         known = completion_accuracy(model, queries)
         out["accuracy_per_epoch"].append(float(known.float().mean()))
         print(f"epoch {epoch + 1}: loss {out['loss_per_epoch'][-1]:.3f}, query accuracy "
@@ -259,10 +300,9 @@ def run(args) -> dict:
     out["completion_probability"] = prob.tolist()
     if saved is not None and not saved.exists():
         log = {k: out[k] for k in ("loss_per_epoch", "accuracy_per_epoch", "finetune_s")}
-        trained = {n for n, p in model.named_parameters()
-                   if train_only is None or any(fnmatch.fnmatchcase(n, pat) for pat in train_only)}
         weights = {n: t for n, t in model.state_dict().items() if n in trained}
-        atomic_torch_save(saved, {"config": finetune_config(args), "weights": weights, "log": log})
+        atomic_torch_save(saved, {"config": finetune_config(args), "weights": weights, "log": log,
+                                  "epoch_weights": checkpoints})
     print(f"query accuracy {out['accuracy_before']:.2f} -> {out['accuracy_after']:.2f} after "
           f"{out['epochs']} epochs ({out['finetune_s']:.0f} s)", flush=True)
     results, cache = {}, {}
@@ -275,7 +315,7 @@ def run(args) -> dict:
             scores = torch.as_tensor(scores)
         else:
             try:
-                scores, timing = influence_method(method, model, queries, train, args, include, cache)
+                scores, timing = influence_method(method, model, queries, train, args, include, cache, checkpoints)
             except KcircuitsError as exc:  # e.g. LiSSA diverging: report it, keep the other methods
                 results[method] = {"error": str(exc)}
                 print(f"{label(method):>22}: failed: {exc}", flush=True)

@@ -108,3 +108,20 @@ def tiny_smol_dir(tmp_path_factory, smollm2_tokenizer):
     hf.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def crash_on_call(monkeypatch, module, name: str, at: int, exc: type[BaseException] = RuntimeError) -> dict:
+    """Make ``module.name`` raise ``exc`` on its ``at``-th call (a simulated crash mid-run).
+
+    Returns the counter dict: ``calls["n"]`` counts calls; set ``calls["crash"] = False`` before the
+    rerun that must resume."""
+    real, calls = getattr(module, name), {"n": 0, "crash": True}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["crash"] and calls["n"] == at:
+            raise exc("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    return calls

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import crash_on_call
 
 from kcircuits import api
 from kcircuits.cli import main
@@ -202,25 +203,14 @@ def test_attribution_resumes_after_a_crash_mid_run(tiny, tmp_path, monkeypatch):
 
     opts = dict(curve=False, **{**SMALL, "n_random": 0, "batch_size": 2})
     reference = api.discover("country_capital", tiny, out=tmp_path / "ref", **opts).scores
-    calls = {"n": 0}
-    real = eap.destination_grads
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # third batch, first step (2 steps per batch)
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eap, "destination_grads", flaky)
+    calls = crash_on_call(monkeypatch, eap, "destination_grads", at=5)  # third batch, first step (2 per batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api.discover("country_capital", tiny, out=tmp_path / "r", **opts)
     partial = tmp_path / "r" / api.PARTIAL_SCORES
     assert partial.exists() and not (tmp_path / "r" / "scores.safetensors").exists()
-    monkeypatch.setattr(eap, "destination_grads", real)
-    counted = []
-    monkeypatch.setattr(eap, "destination_grads", lambda *a, **k: counted.append(1) or real(*a, **k))
+    calls.update(n=0, crash=False)
     resumed = api.discover("country_capital", tiny, out=tmp_path / "r", **opts).scores
-    assert len(counted) == 2 * (4 - 2)  # only the two unfinished batches (of 4) were recomputed
+    assert calls["n"] == 2 * (4 - 2)  # only the two unfinished batches (of 4) were recomputed
     assert torch.allclose(resumed, reference, atol=1e-6) and not partial.exists()
 
 
@@ -230,19 +220,10 @@ def test_checkpoint_from_another_batch_layout_is_not_reused(tiny, tmp_path, monk
 
     opts = dict(curve=False, **{**SMALL, "n_random": 0})
     reference = api.discover("antonym", tiny, out=tmp_path / "ref", **{**opts, "batch_size": 3}).scores
-    calls = {"n": 0}
-    real = eap.destination_grads
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eap, "destination_grads", flaky)
+    calls = crash_on_call(monkeypatch, eap, "destination_grads", at=3)
     with pytest.raises(RuntimeError):
         api.discover("antonym", tiny, out=tmp_path / "r", **{**opts, "batch_size": 2})
-    monkeypatch.setattr(eap, "destination_grads", real)
+    calls["crash"] = False
     resumed = api.discover("antonym", tiny, out=tmp_path / "r", **{**opts, "batch_size": 3}).scores
     assert torch.allclose(resumed, reference, atol=1e-6)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_hf
+from conftest import crash_on_call, tiny_hf
 
 from kcircuits.errors import KcircuitsError
 from kcircuits.influence import api
@@ -24,6 +24,7 @@ from kcircuits.influence.facts import (
 )
 from kcircuits.influence.scores import pairwise_scores
 from kcircuits.influence.sequences import Sequences
+from kcircuits.io import load_tensors
 from kcircuits.models import from_hf
 from kcircuits.report.influence_section import highlight_tokens, render_influence
 
@@ -91,15 +92,7 @@ def test_fit_resumes_after_a_crash(tmp_path, monkeypatch):
     lm, _, (corpus, _) = facts_model(tmp_path=tmp_path)
     import kcircuits.influence.factors as factors_mod
 
-    real, calls = factors_mod.token_grads, {"n": 0, "crash": True}
-
-    def counting(*args, **kwargs):  # crashes in the third batch on the first run
-        calls["n"] += 1
-        if calls["crash"] and calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(factors_mod, "token_grads", counting)
+    calls = crash_on_call(monkeypatch, factors_mod, "token_grads", at=3, exc=KeyboardInterrupt)  # in the third batch
     with pytest.raises(KeyboardInterrupt):  # 30 documents = 4 batches; checkpoint after every batch
         api.fit(lm, corpus, out=tmp_path / "fit", batch_size=8, max_length=32, checkpoint_seconds=0, progress=False)
     assert (tmp_path / "fit" / "factors" / "fit_state.safetensors").exists()
@@ -160,6 +153,58 @@ def test_lissa_score_records_the_scale_it_used(tmp_path):
     assert torch.isfinite(res.total).all() and res.total.shape == (4, 30)
 
 
+def _checkpoint_of(lm, corpus_texts, name):
+    """A copy of ``lm`` trained one epoch further: a stand-in for another training checkpoint."""
+    import copy
+
+    ck = from_hf(copy.deepcopy(lm.hf_model), lm.tokenizer, name=name)
+    finetune(ck.hf_model, Sequences.from_texts(lm.tokenizer, corpus_texts, 32), epochs=1, lr=1e-2, progress=False)
+    return ck
+
+
+def test_checkpoint_scores_are_the_sum_of_each_models_scores(tmp_path, monkeypatch):
+    """checkpoints=[...] adds each checkpoint's scores (own factors, own folder) to the model's:
+    equal to scoring each model alone and adding; per-layer and highlighted per-token scores still
+    add up to the total; a crash in a later checkpoint keeps the finished ones."""
+    lm, fc, (corpus, queries) = facts_model(tmp_path=tmp_path)
+    ck = _checkpoint_of(lm, fc.documents, "tiny-facts-epoch1")
+    kw = {"max_length": 32, "query_rank": None, "power_law_bootstrap": 0, "progress": False, "top_k": 3}
+    alone = [api.score(m, queries, corpus, out=tmp_path / name, highlight=False, **kw).total
+             for name, m in (("final", lm), ("ck", ck))]
+    assert not torch.allclose(alone[0], alone[1], rtol=0.1)  # the checkpoint really is another model
+
+    calls = crash_on_call(monkeypatch, api, "_pairwise", at=2)  # the checkpoint's scoring crashes
+    with pytest.raises(RuntimeError, match="simulated"):
+        api.score(lm, queries, corpus, out=tmp_path / "sum", checkpoints=[ck], **kw)
+    assert (tmp_path / "sum" / "model" / "scores.safetensors").exists()  # the model's finished scores are kept
+    assert not (tmp_path / "sum" / "scores.safetensors").exists()  # ... and are not taken for the sum
+    calls["crash"] = False
+    res = api.score(lm, queries, corpus, out=tmp_path / "sum", checkpoints=[ck], **kw)
+    assert torch.allclose(res.total, alone[0] + alone[1], rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "sum" / "model" / "factors").is_dir() and (tmp_path / "sum" / "checkpoint-1" / "factors").is_dir()
+    layers = [v for k, v in res.parts.items() if k.startswith("layer.")]
+    assert torch.allclose(sum(layers), res.total, rtol=1e-4, atol=1e-5)
+    r = json.loads((res.folder / "influence.json").read_text())
+    assert r["checkpoints"][0]["model"] == "tiny-facts-epoch1" and r["checkpoints"][0]["damping"] and r["damping"]
+
+    # highlighted tokens are summed over the models too: a top pair's tokens add up to its score
+    q, train = api._tokenise(api._read(queries, True), lm, 32), api._tokenise(api._read(corpus, False), lm, 32)
+    opts = {"fisher": "true", "damping": "heuristic", "batch_size": 8, "include": None, "seed": 0, "progress": False,
+            "checkpoint_seconds": 60.0, "device": "cpu", "dtype": "float32", "max_length": 32}
+    folders = [(tmp_path / "sum" / name, m) for name, m in (("model", lm), ("checkpoint-1", ck))]
+    stages = [api.Stage(m, None, api.RunFolder(f, json.loads((f / "config.json").read_text()))) for f, m in folders]
+    kwargs = {"strategy": "ekfac", "query_rank": None, "normalize": None, "measurement": "logprob", "batch_size": 8,
+              "lissa": None, "include": None, "progress": False}
+    tokens = api._token_scores(stages, lm, q, train, res.parts, res.train_index, 3, True, opts, kwargs)
+    for (qi, ci), t in tokens.items():
+        assert t.sum() == pytest.approx(float(res.total[qi, ci]), rel=1e-3, abs=1e-5)
+
+    # the same words numbered in another order: not a checkpoint of this model
+    other = from_hf(ck.hf_model, WordTokenizer(list(reversed(fc.documents)) + fc.prompts + fc.completions), name="other")
+    with pytest.raises(KcircuitsError, match="tokenises the data differently"):
+        api.score(lm, queries, corpus, out=tmp_path / "bad", checkpoints=[other], **kw)
+
+
 def test_circuit_components_and_bad_inputs(tmp_path):
     lm, _, (corpus, queries) = facts_model(tmp_path=tmp_path)
     (tmp_path / "circuit.json").write_text(json.dumps({"nodes": ["input", "a1.h0", "m0", "logits"]}))
@@ -208,6 +253,14 @@ def test_cli_fit_and_score(tmp_path, tiny_smol_dir, capsys):
     assert "report:" in out and "recall@3" in out
     r = json.loads((tmp_path / "score" / "influence.json").read_text())
     assert r["strategy"] == "kfac" and set(r["damping"].values()) == {0.01}
+    # --checkpoints loads folders: the model given again as its own checkpoint doubles every score
+    base = ["influence", "score", str(queries), str(corpus), "--model", tiny_smol_dir, "--strategy", "identity",
+            "--max-length", "24", "--bootstrap", "0", "--no-highlight", "--query-rank", "0", "--quiet"]
+    _cli(base + ["--out", str(tmp_path / "one")])
+    _cli(base + ["--out", str(tmp_path / "two"), "--checkpoints", tiny_smol_dir])
+    one, two = (load_tensors(tmp_path / n / "scores.safetensors")["total"] for n in ("one", "two"))
+    assert torch.allclose(two, 2 * one, rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "influence.json").read_text())["checkpoints"][0]["model"] == tiny_smol_dir
     with pytest.raises(SystemExit):  # argparse rejects a bad damping value (exit code 2)
         _cli(["influence", "score", str(queries), str(corpus), "--damping", "lots"])
     with pytest.raises(KcircuitsError, match="no such file"):

@@ -211,7 +211,7 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
           normalize: str | None = None, measurement: str = "logprob", top_k: int = 10, highlight: bool = True, max_length: int = 256, batch_size: int = 8,
           include: list[str] | None = None, lissa: dict | None = None, power_law_bootstrap: int = 100,
           seed: int = 0, device: str | None = "cpu", dtype: str = "float32", checkpoint_seconds: float = 60.0,
-          progress: bool = True) -> ScoreOutput:
+          checkpoints: list[str | LoadedModel] | None = None, progress: bool = True) -> ScoreOutput:
     """Score every query against every (candidate) training sequence and write a run folder.
 
     Args:
@@ -230,6 +230,12 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
             to highlight their most influential tokens in the report; ``per_token`` keeps every
             sequence's per-token scores instead.
         power_law_bootstrap: goodness-of-fit draws per query for the power-law tail (0: no p-value).
+        checkpoints: earlier training checkpoints of ``model`` (folders or loaded models, same
+            tokenizer). The scores become the sum of ``model``'s and each checkpoint's, each with its
+            own curvature (fitted into ``<out>/checkpoint-<i>/factors/``; ``factors`` is ``model``'s
+            only): TracIn-CP's sum over checkpoints. Why: a fact the final model has memorised
+            gives its sources a vanishing loss gradient, so they are invisible at the final
+            parameters but not at the checkpoints where the fact was being learned.
     """
     _check(strategy, SCORE_STRATEGIES, batch_size, max_length)
     if top_k < 1:
@@ -250,6 +256,8 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
                  "rescore_top_k": rescore_top_k, "bm25_candidates": bm25_candidates, "normalize": normalize,
                  "measurement": measurement, "max_length": max_length,
                  "include": include, "lissa": lissa, "seed": seed, "dtype": dtype}
+    if checkpoints:  # (only then: runs written before the option keep their configuration)
+        reproduce["checkpoints"] = [_model_name(c) for c in checkpoints]
     folder = Path(out) if out else default_run_dir("influence", [q.stem, Path(reproduce["model"]).name, strategy],
                                                    reproduce)
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device),
@@ -261,35 +269,107 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
     t0 = time.perf_counter()
     cand = _candidates(q, train, bm25_candidates)
     timings["bm25_s"] = time.perf_counter() - t0
-    fac = _factors(lm, train, strategy, fisher, damping, factor_dir, run, batch_size, include, seed, progress, timings,
-                   checkpoint_seconds)
-    kwargs = {"strategy": strategy, "factors": fac, "damping": damping, "query_rank": query_rank,
-              "normalize": normalize, "measurement": measurement, "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
+    stages = [Stage(lm, factor_dir, run)]
+    if checkpoints:  # each model in its own sub-folder, so the run's scores file only ever holds the sum
+        sub = [("model", lm)] + [(f"checkpoint-{i}", c) for i, c in enumerate(checkpoints, start=1)]
+        stages = [Stage(m, factor_dir if m is lm else None,
+                        RunFolder(run.file(name), {"reproduce": {**reproduce, "stage": _model_name(m)}}))
+                  for name, m in sub]
+    kwargs = {"strategy": strategy, "query_rank": query_rank, "normalize": normalize, "measurement": measurement,
+              "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
+    opts = {"fisher": fisher, "damping": damping, "batch_size": batch_size, "include": include, "seed": seed,
+            "progress": progress, "checkpoint_seconds": checkpoint_seconds, "device": device, "dtype": dtype,
+            "max_length": max_length}  # how each stage loads its model and fits its factors
     if run.has(SCORES_FILE):  # finished earlier: reuse
         parts = run.read_tensors(SCORES_FILE)
         timings.update(run.read_json(RESULTS_FILE).get("timings", {}) if run.has(RESULTS_FILE) else {})
     else:
-        t0 = time.perf_counter()
-        res = _pairwise(lm, q.seqs, train.seqs.subset(cand), per_layer=per_layer, per_token=per_token,
-                        components=components, rescore_top_k=rescore_top_k, **kwargs)
-        timings["score_s"] = time.perf_counter() - t0
-        parts = _to_tensors(res)
-        parts["train_index"] = cand
-        run.write_tensors(SCORES_FILE, parts, {"strategy": strategy, "damping": _json_damping(res.damping)})
-        run.write_json("damping.json", _json_damping(res.damping))
-        if res.solver:  # LiSSA's scale after any divergence retries
-            run.write_json("solver.json", res.solver)
+        parts = _summed([_stage_scores(st, lm, q, train, cand, opts, kwargs, timings, per_layer=per_layer,
+                                       per_token=per_token, components=components, rescore_top_k=rescore_top_k)
+                         for st in stages])
+        run.write_tensors(SCORES_FILE, parts, {"strategy": strategy})
     total = parts["total"]
     t0 = time.perf_counter()
-    tokens = _token_scores(lm, q, train, parts, cand, top_k, highlight, kwargs)
+    tokens = _token_scores(stages, lm, q, train, parts, cand, top_k, highlight, opts, kwargs)
     timings["highlight_s"] = time.perf_counter() - t0
+    model_run = stages[0].run
     results = _results(lm, q, train, parts, cand, tokens, top_k, power_law_bootstrap, seed,
-                       run.read_json("damping.json") if run.has("damping.json") else {}, strategy, timings)
-    if run.has("solver.json"):
-        results["solver"] = run.read_json("solver.json")
+                       model_run.read_json("damping.json") if model_run.has("damping.json") else {}, strategy, timings)
+    if model_run.has("solver.json"):
+        results["solver"] = model_run.read_json("solver.json")
+    if checkpoints:
+        results["checkpoints"] = [{"model": name, "folder": str(st.run.path),
+                                   "damping": st.run.read_json("damping.json") if st.run.has("damping.json") else {}}
+                                  for name, st in zip(reproduce["checkpoints"], stages[1:])]
     run.write_json(RESULTS_FILE, results)
     write_report(run.file("report.html"), _report(run, results, reproduce))
     return ScoreOutput(run.path, total, cand, results, parts)
+
+
+@dataclass
+class Stage:
+    """One model whose scores enter the sum: the model itself, or one of its earlier checkpoints
+    (loaded only while it is scored), with its factor folder (None: fit into ``run``) and the run
+    folder its own scores, factors and damping go to (resumable per checkpoint)."""
+
+    model: str | LoadedModel
+    factor_dir: Path | None
+    run: RunFolder
+
+
+def _stage_model(st: Stage, lm: LoadedModel, q: Data, train: Data, opts: dict) -> LoadedModel:
+    """The stage's model; a checkpoint must tokenise the data exactly as the model does."""
+    if st.model is lm:
+        return lm
+    ck = _model(st.model, opts["device"], opts["dtype"])
+    for data in (q, train):
+        if data.docs and not torch.equal(documents_to_sequences(data.docs, ck.tokenizer, opts["max_length"]).input_ids,
+                                         data.seqs.input_ids):
+            raise KcircuitsError(f"checkpoint {_model_name(st.model)!r} tokenises the data differently from the model; "
+                                 "checkpoints must be earlier states of the same model, with its tokenizer")
+    return ck
+
+
+def _stage_factors(slm: LoadedModel, st: Stage, train: Data, strategy: str, opts: dict, timings: dict):
+    return _factors(slm, train, strategy, opts["fisher"], opts["damping"], st.factor_dir, st.run, opts["batch_size"],
+                    opts["include"], opts["seed"], opts["progress"], timings, opts["checkpoint_seconds"])
+
+
+def _stage_scores(st: Stage, lm: LoadedModel, q: Data, train: Data, cand: torch.Tensor, opts: dict, kwargs: dict,
+                  timings: dict, **parts_kw) -> dict[str, torch.Tensor]:
+    """One stage's flat score tensors (see :func:`_to_tensors`), read from its run folder when an
+    earlier run finished them; factor and score times are added to ``timings``."""
+    if st.run.has(SCORES_FILE):
+        return st.run.read_tensors(SCORES_FILE)
+    slm = _stage_model(st, lm, q, train, opts)
+    t: dict[str, float] = {}
+    fac = _stage_factors(slm, st, train, kwargs["strategy"], opts, t)
+    t0 = time.perf_counter()
+    res = _pairwise(slm, q.seqs, train.seqs.subset(cand), factors=fac, damping=opts["damping"], **parts_kw, **kwargs)
+    t["score_s"] = time.perf_counter() - t0
+    for k, v in t.items():
+        timings[k] = timings.get(k, 0.0) + v
+    parts = _to_tensors(res)
+    parts["train_index"] = cand
+    st.run.write_tensors(SCORES_FILE, parts, {"strategy": kwargs["strategy"], "damping": _json_damping(res.damping)})
+    st.run.write_json("damping.json", _json_damping(res.damping))
+    if res.solver:  # LiSSA's scale after any divergence retries
+        st.run.write_json("solver.json", res.solver)
+    return parts
+
+
+def _summed(stage_parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stages' scores added key by key (``train_index`` is shared; ``train_self``, a
+    per-model normaliser, is kept only for a single stage)."""
+    if len(stage_parts) == 1:
+        return stage_parts[0]
+    out = {}
+    for key, first in stage_parts[0].items():
+        if key == "train_index":
+            out[key] = first
+        elif key != "train_self":
+            out[key] = sum((p[key] for p in stage_parts[1:]), first.clone())
+    return out
 
 
 def _candidates(q: Data, train: Data, n: int | None) -> torch.Tensor:
@@ -349,10 +429,11 @@ def _prefixed(parts: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
 
 
-def _token_scores(lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, top_k: int, highlight: bool,
-                  kwargs: dict) -> dict[tuple[int, int], torch.Tensor]:
+def _token_scores(stages: list[Stage], lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, top_k: int,
+                  highlight: bool, opts: dict, kwargs: dict) -> dict[tuple[int, int], torch.Tensor]:
     """Per-token scores ``[T]`` of each (query, corpus index) pair in the top-k; from ``per_token`` when it
-    was computed, else by rescoring only the union of top-k sequences per token."""
+    was computed, else by rescoring only the union of top-k sequences per token (with every stage,
+    summed, so the tokens add up to the scores they explain)."""
     _, top = analysis.top_influential(parts["total"], top_k)  # positions among candidates
     if "per_token" in parts:
         pt = parts["per_token"]
@@ -360,10 +441,16 @@ def _token_scores(lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, top
     if not highlight:
         return {}
     union = torch.unique(cand[top.flatten()])
-    res = _pairwise(lm, q.seqs, train.seqs.subset(union), per_layer=False, per_token=True, components=None,
-                    rescore_top_k=None, **kwargs)
+    per_token = None
+    for st in stages:
+        slm = _stage_model(st, lm, q, train, opts)
+        fac = _stage_factors(slm, st, train, kwargs["strategy"], opts, {})
+        res = _pairwise(slm, q.seqs, train.seqs.subset(union), factors=fac, damping=opts["damping"], per_layer=False,
+                        per_token=True, components=None, rescore_top_k=None, **kwargs)
+        pt = res.per_token.detach().float().cpu()
+        per_token = pt if per_token is None else per_token + pt
     pos = {int(c): i for i, c in enumerate(union.tolist())}
-    return {(qi, int(cand[j])): res.per_token[qi, pos[int(cand[j])]].detach().float().cpu()
+    return {(qi, int(cand[j])): per_token[qi, pos[int(cand[j])]]
             for qi in range(top.shape[0]) for j in top[qi].tolist()}
 
 
@@ -462,6 +549,8 @@ def _report(run: RunFolder, results: dict, reproduce: dict) -> dict:
     for key in ("factors_s", "score_s", "highlight_s"):
         if key in results["timings"]:
             summary[key.replace("_s", " time (s)")] = round(results["timings"][key], 2)
+    if reproduce.get("checkpoints"):
+        summary["models summed (with checkpoints)"] = 1 + len(reproduce["checkpoints"])
     if f"mean_recall@{results['top_k']}" in results:
         summary[f"mean recall@{results['top_k']} of known sources"] = results[f"mean_recall@{results['top_k']}"]
     return {"title": f"Influence: {reproduce['model']} ({results['strategy']})", "summary": summary,

@@ -72,6 +72,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=10, help="top sequences per query in the results and report")
     s.add_argument("--no-highlight", action="store_true", help="skip rescoring the top-k per token for the report")
     s.add_argument("--bootstrap", type=int, default=100, help="power-law goodness-of-fit draws per query (0: none)")
+    s.add_argument("--checkpoints", nargs="+", metavar="FOLDER",
+                   help="earlier training checkpoints of --model: add their scores (each with its own factors), "
+                        "which finds the sources of facts the final model has memorised")
     s.add_argument("--lissa-depth", type=int, help="LiSSA recursion depth (strategy lissa)")
     s.add_argument("--lissa-scale", type=float, help="LiSSA scale (strategy lissa)")
     _shared(s)
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
                     measurement=args.measurement, top_k=args.top_k, highlight=not args.no_highlight,
                     max_length=args.max_length, batch_size=args.batch_size, include=args.include, lissa=lissa,
                     power_law_bootstrap=args.bootstrap, seed=args.seed, device=args.device, dtype=args.dtype,
-                    checkpoint_seconds=args.checkpoint_seconds, progress=not args.quiet)
+                    checkpoint_seconds=args.checkpoint_seconds, checkpoints=args.checkpoints,
+                    progress=not args.quiet)
     _print_scores(res)
 
 
