@@ -9,8 +9,11 @@
    that learned the facts.
 3. For each method, rank all training documents per query and measure recall@k of the 3 sources,
    with wall time: EK-FAC, KFAC, LiSSA, gradient dot product (identity) and BM25 (lexical).
+   Variants: ``<method>_relative`` (RelatIF), ``<method>_margin`` (log-odds f) and
+   ``<method>_checkpoints`` (the method's scores at the end of every fine-tuning epoch, summed; the
+   per-epoch weights are kept in the ``--finetuned`` file).
 
-    python benchmarks/influence_facts.py                      # SmolLM2-135M, 1000 documents
+    python benchmarks/influence_facts.py                      # SmolLM2-135M, 1000 documents (docs/benchmarks.md)
     python benchmarks/influence_facts.py --tiny               # tiny random llama, word vocabulary, ~1 min
     python benchmarks/influence_facts.py --n-docs 200 --methods ekfac,identity,bm25 --json out.json
 
@@ -76,12 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-facts", type=int, help="default n_docs // 10")
     p.add_argument("--statement", choices=["verbatim", "paraphrase"], default="verbatim",
                    help="sources repeat the query's sentence in differing documents, or paraphrase it")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--target-accuracy", type=float, default=0.95,
-                   help="stop fine-tuning once this fraction of queries is answered (--epochs is the maximum)")
-    p.add_argument("--train-only", nargs="+", default=["model.layers.2[4-7].mlp.*"],
-                   help="fnmatch patterns of the parameters fine-tuned ('all' for every parameter)")
+    p.add_argument("--epochs", type=int, help="at most this many epochs (default 8; --tiny 80)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3; --tiny 3e-3)")
+    p.add_argument("--target-accuracy", type=float,
+                   help="stop fine-tuning once this fraction of queries is answered (default 0.9; --tiny 0.95)")
+    p.add_argument("--train-only", nargs="+",
+                   help="fnmatch patterns of the parameters fine-tuned ('all' for every parameter; default the "
+                        "MLPs of layers 22-29, 'model.layers.2[2-9].mlp.*'; --tiny all)")
     p.add_argument("--include", nargs="+", help="modules influence tracks (default: the --train-only modules)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--k", type=int, default=10)
@@ -99,14 +103,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetuned", help="file to save the fine-tuned weights to, or to load them from if it exists "
                                        "(same configuration only): rerun methods without fine-tuning again")
     args = p.parse_args(argv)
+    defaults = ({"n_docs": 120, "epochs": 80, "lr": 3e-3, "target_accuracy": 0.95, "train_only": ["all"]} if args.tiny
+                else {"epochs": 8, "lr": 2e-3, "target_accuracy": 0.9, "train_only": ["model.layers.2[2-9].mlp.*"]})
     if args.tiny:
-        args.model, args.train_only = "tiny", ["all"]
+        args.model = "tiny"
         if args.n_docs == 1000:
-            args.n_docs = 120
-        if args.lr == 1e-3:
-            args.lr = 3e-3
-        if args.epochs == 4:
-            args.epochs = 80
+            args.n_docs = defaults["n_docs"]
+    for key in ("epochs", "lr", "target_accuracy", "train_only"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     return args
 
 
@@ -166,7 +171,8 @@ def summed_over_checkpoints(method: str, model, queries: Sequences, train: Seque
                              "--finetuned file and fine-tune again")
     base = method.replace("_checkpoints", "")
     final = {n: p.detach().clone() for n, p in model.named_parameters() if n in checkpoints[-1]}
-    total, timing = None, {"fit_s": 0.0, "score_s": 0.0, "total_s": 0.0}
+    timing: dict = {"fit_s": 0.0, "score_s": 0.0, "total_s": 0.0}
+    per_epoch = []
     try:
         for epoch, weights in enumerate(checkpoints, 1):
             last = epoch == len(checkpoints)
@@ -174,11 +180,11 @@ def summed_over_checkpoints(method: str, model, queries: Sequences, train: Seque
             scores, t = influence_method(base, model, queries, train, args, include,
                                          cache if last else cache.setdefault(f"epoch {epoch}", {}),
                                          epoch=None if last else epoch)
-            total = scores if total is None else total + scores
+            per_epoch.append(scores)
             timing = {k: timing[k] + t[k] for k in timing}
     finally:
         model.load_state_dict(final, strict=False)
-    return total, timing
+    return sum(per_epoch[1:], per_epoch[0].clone()), {**timing, "per_checkpoint": per_epoch}
 
 
 PROBABILITY_BINS = (0.0, 0.9, 0.99, 0.999, 1.0)
@@ -322,6 +328,9 @@ def run(args) -> dict:
                 continue
         n_q = scores.shape[0]  # LiSSA may score only the first --lissa-queries
         recall, learned = recall_at_k(scores, fc.sources[:n_q], args.k), known[:n_q]
+        if "per_checkpoint" in timing:  # what each epoch's scores find alone
+            timing[f"recall@{args.k}_per_checkpoint"] = [float(recall_at_k(s, fc.sources[:n_q], args.k).mean())
+                                                         for s in timing.pop("per_checkpoint")]
         results[method] = {**timing, "queries": n_q, f"recall@{args.k}": float(recall.mean()),
                            f"recall@{args.k}_known": float(recall[learned].mean()) if learned.any() else None,
                            "precision@1": precision_at_1(scores, fc.sources[:n_q]),
@@ -355,6 +364,10 @@ def markdown(out: dict) -> str:
         for m, r in out["methods"].items():
             if "error" not in r and r["queries"] == out["n_facts"]:
                 lines.append(f"| {label(m)} | " + " | ".join(f"{b['recall']:.2f}" for b in r[f"recall@{k}_by_probability"]) + " |")
+    for m, r in out["methods"].items():
+        if f"recall@{k}_per_checkpoint" in r:
+            alone = ", ".join(f"epoch {e}: {v:.3f}" for e, v in enumerate(r[f"recall@{k}_per_checkpoint"], 1))
+            lines += ["", f"{label(m)}, recall@{k} of each checkpoint alone: {alone}"]
     return "\n".join(lines)
 
 
