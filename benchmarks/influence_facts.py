@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="tiny random llama over the corpus' own word vocabulary")
-    p.add_argument("--n-docs", type=int, default=1000)
+    p.add_argument("--n-docs", type=int, help="training documents (default 1000; --tiny 120)")
     p.add_argument("--n-facts", type=int, help="default n_docs // 10")
     p.add_argument("--statement", choices=["verbatim", "paraphrase"], default="verbatim",
                    help="sources repeat the query's sentence in differing documents, or paraphrase it")
@@ -104,14 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "(same configuration only): rerun methods without fine-tuning again")
     args = p.parse_args(argv)
     defaults = ({"n_docs": 120, "epochs": 80, "lr": 3e-3, "target_accuracy": 0.95, "train_only": ["all"]} if args.tiny
-                else {"epochs": 8, "lr": 2e-3, "target_accuracy": 0.9, "train_only": ["model.layers.2[2-9].mlp.*"]})
+                else {"n_docs": 1000, "epochs": 8, "lr": 2e-3, "target_accuracy": 0.9,
+                      "train_only": ["model.layers.2[2-9].mlp.*"]})
     if args.tiny:
         args.model = "tiny"
-        if args.n_docs == 1000:
-            args.n_docs = defaults["n_docs"]
-    for key in ("epochs", "lr", "target_accuracy", "train_only"):
+    for key, value in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
+            setattr(args, key, value)
     return args
 
 
