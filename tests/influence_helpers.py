@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from kcircuits.influence.sequences import Sequences
-from tests.conftest import tiny_hf
+from tests.model_helpers import tiny_hf
 
 
 def rand_seqs(n: int, T: int, vocab: int = 31, seed: int = 0, min_len: int = 3) -> Sequences:

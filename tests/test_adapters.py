@@ -9,7 +9,7 @@ from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.graph import Graph
 from kcircuits.models.adapters import adapt
-from tests.conftest import FAMILIES, VARIANTS, tiny_hf, tiny_model
+from tests.model_helpers import FAMILIES, VARIANTS, tiny_hf, tiny_model
 
 TOL = 1e-4
 
@@ -80,7 +80,8 @@ def test_bfloat16_runs_close_to_float32():
     eng = Engine(low.weights)
     scores = attribute(eng, [random_batch(2)], method="eap-ig", steps=2, progress=False)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0
-    from kcircuits.evaluate import Evaluator, select
+    from kcircuits.evaluate import Evaluator
+    from kcircuits.selection import select
 
     res = Evaluator(eng, [random_batch(2)], progress=False).evaluate(select(eng.graph, scores, 40))
     assert math.isfinite(res["faithfulness_of_means"])

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import crash_on_call
+from tests.model_helpers import crash_on_call
 
 from kcircuits import api
 from kcircuits.cli import main

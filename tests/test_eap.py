@@ -1,5 +1,7 @@
 """EAP scores equal the derivative of the metric with respect to each edge's mask at mask = 1."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from kcircuits.discover.eap import attribute
 from kcircuits.engine import Engine
 from kcircuits.graph import Graph
 from kcircuits.metrics import get_metric
-from tests.conftest import tiny_model
+from tests.model_helpers import tiny_model
 from tests.helpers import random_batch, random_pairs
 from kcircuits.batching import make_batch
 
@@ -82,13 +84,31 @@ def test_eap_ig_one_step_is_eap_and_steps_integrate():
 
 
 def test_clean_corrupted_averages_two_gradients():
+    """clean-corrupted = (a_clean - a_corr) · (∂m/∂x_v at the clean input + ∂m/∂x_v at the corrupted input) / 2.
+
+    The first half is EAP, the mask derivative at mask = 1. The second is minus the mask derivative of
+    the swapped batch (clean and corrupt prompts exchanged, same answers): there the patched forward
+    runs on the corrupted prompt and patches towards the clean one, so its derivative is
+    (a_corr - a_clean) · ∂m/∂x_v at the corrupted input. Both references use autograd through the
+    patched forward, not the attribution code."""
     model = tiny_model("gpt2")
     eng = Engine(model.weights)
-    batches = [random_batch(3)]
-    both = attribute(eng, batches, method="clean-corrupted", progress=False)
-    eap = attribute(eng, batches, method="eap", progress=False)
-    assert not torch.allclose(both, eap)
-    assert both.shape == eap.shape
+    batch = random_batch(3)
+    swapped = dataclasses.replace(batch, clean=batch.corrupt, corrupt=batch.clean)
+    at_clean = mask_gradient(eng, [batch], "logit_diff")
+    at_corrupt = -mask_gradient(eng, [swapped], "logit_diff")
+    both = attribute(eng, [batch], method="clean-corrupted", progress=False)
+    ref = (at_clean + at_corrupt) / 2
+    scale = ref.abs().max()
+    assert scale > 1e-6
+    # the corrupted-input gradient really differs, so the average is not EAP under another name
+    assert (at_clean - at_corrupt).abs().max() > 0.1 * scale
+    # relative to the largest score, as for EAP: float32 sums over positions and d_model
+    assert (both - ref).abs().max() <= 1e-4 * scale, (both - ref).abs().max() / scale
+    # and each half is what plain EAP computes on the batch and on the swapped batch
+    eap = attribute(eng, [batch], method="eap", progress=False)
+    eap_swapped = attribute(eng, [swapped], method="eap", progress=False)
+    assert torch.allclose(both, (eap - eap_swapped) / 2, atol=1e-6 * float(scale), rtol=1e-5)
 
 
 def test_memory_budget_splits_batches_without_changing_scores():

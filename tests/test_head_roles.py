@@ -15,7 +15,7 @@ from kcircuits.batching import make_batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import from_hf
-from tests.conftest import FAMILIES, tiny_hf
+from tests.model_helpers import FAMILIES, tiny_hf
 from tests.helpers import Pair, blank_gpt2, random_batch
 
 V = D = 24  # one-hot token directions

@@ -10,7 +10,7 @@ from kcircuits.engine import Engine
 from kcircuits.graph import Circuit
 from kcircuits.metrics import answer_rank
 from kcircuits.models import from_hf
-from tests.conftest import tiny_model
+from tests.model_helpers import tiny_model
 from tests.helpers import Pair, blank_gpt2, random_batch
 
 

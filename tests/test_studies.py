@@ -8,9 +8,10 @@ import torch
 from kcircuits import studies
 from kcircuits.analyze.compare import overlap
 from kcircuits.cli import main
+from kcircuits.data import load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.graph import Circuit
+from kcircuits.graph import Circuit, circuit_from_edges
 from kcircuits.models import load_model
 from kcircuits.studies.hallucination import lost_layers
 from kcircuits.studies.icl import (
@@ -121,19 +122,72 @@ def test_icl_study(tiny, tmp_path):
     if res["new_heads"]:
         a = res["ablation"]
         assert len(a["accuracy_random_heads_ablated"]) == 2 and 0 <= a["accuracy_new_heads_ablated"] <= 1
-    prompts = json.loads((folder / "icl.json").read_text())
-    assert prompts["template"] == "The capital of {} is" and not demo_subjects & set()
+    saved = json.loads((folder / "icl.json").read_text())
+    assert saved["template"] == "The capital of {} is"
+    # demonstrations never overlap the queries: neither their subjects nor their answers
+    query_subjects = set(saved["query_subjects"])
+    assert len(query_subjects) == res["n_queries"] == 6 and saved["query_subjects"] == res["query_subjects"]
+    assert not demo_subjects & query_subjects
+    answer_of = {s["subject"]: s["object"] for s in load_dataset("country_capital").samples}
+    assert not {d["object"] for d in res["demonstrations"]} & {answer_of[s] for s in query_subjects}
     assert "accuracy by number of demonstrations" in (folder / "report.html").read_text()
+
+
+def test_icl_ablation_of_new_heads(tiny, tmp_path, monkeypatch):
+    """The ablation branch with new heads present (it once crashed with a TypeError there). The
+    zero-shot circuit is replaced by the bare input -> logits edge, so every head of the k > 0
+    circuits is new whatever the random model's scores; the rest runs for real."""
+    import importlib
+
+    icl_module = importlib.import_module("kcircuits.studies.icl")  # the module, not the function of that name
+    real_find = icl_module.find_circuit
+
+    def find(run, name, engine, *args, **kwargs):
+        circuit, scores = real_find(run, name, engine, *args, **kwargs)
+        if name == "k0":
+            circuit = circuit_from_edges(engine.graph, ["input->logits"])
+        return circuit, scores
+
+    monkeypatch.setattr(icl_module, "find_circuit", find)
+    res = studies.icl("country_capital", tiny, out=tmp_path / "icl", ks=(0, 2), max_pairs=6, n_random=3, **FAST)
+    assert res["new_heads"] and res["new_heads"] == res["new_heads_by_k"]["2"]
+    a = res["ablation"]
+    assert a["k"] == 2 and a["n_heads"] == len(res["new_heads"])
+    assert a["accuracy_intact"] == res["accuracy"]["2"]
+    assert len(a["accuracy_random_heads_ablated"]) == 3
+    assert all(0 <= v <= 1 for v in [a["accuracy_new_heads_ablated"], *a["accuracy_random_heads_ablated"]])
+    assert a["accuracy_random_heads_ablated_mean"] == pytest.approx(sum(a["accuracy_random_heads_ablated"]) / 3)
+    saved = json.loads((tmp_path / "icl" / "icl.json").read_text())
+    assert saved["ablation"] == a
+    assert "Accuracy after ablation" in (tmp_path / "icl" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("ks,match", [((1, 2), "must include 0"), ((0,), "at least one k >= 1"),
+                                      ((), "must include 0"), ((-1, 0, 1), "must be >= 0")])
+def test_icl_rejects_bad_ks_before_loading(ks, match, tmp_path, monkeypatch):
+    """k = 0 is required (the new heads are those missing from the zero-shot circuit); bad ks fail
+    before any model is loaded or folder written."""
+    import importlib
+
+    icl_module = importlib.import_module("kcircuits.studies.icl")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --ks was checked")
+
+    monkeypatch.setattr(icl_module, "open_run", no_load)
+    with pytest.raises(KcircuitsError, match=match):
+        studies.icl("country_capital", "no-such-model", out=tmp_path / "i", ks=ks, **FAST)
+    assert not (tmp_path / "i").exists()
 
 
 def test_ablating_no_heads_is_the_intact_model(tiny):
     from kcircuits.ablation import mean_activations
-    from kcircuits.api import _batches, answer_ranks, prepare_prompts
+    from kcircuits.api import model_batches, answer_ranks, prepare_prompts
 
     eng = Engine(tiny.weights)
     pairs = prepare_prompts(tiny, eng, "country_capital", split=None, known_only=False, known_k=1, max_pairs=6, seed=0,
                             batch_size=4)["all"].pairs
-    batches = _batches(tiny, pairs, 4, "first_token")
+    batches = model_batches(tiny, pairs, 4, "first_token")
     ranks, _ = answer_ranks(eng, pairs, tiny.pad_token_id, 4)
     intact = float((ranks == 1).float().mean())
     mean = mean_activations(eng, batches)

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from kcircuits.graph import Graph
 from kcircuits.models.weights import Block, ModelWeights
 
+#: torch's one-time notice on the first sparse CSR tensor (matched at the start of the message).
+_CSR_BETA_WARNING = r"Sparse CSR tensor support is in beta"
+
 #: torch >= 2.5 shares kv heads inside attention, without materialising repeated k/v.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -285,8 +288,8 @@ def _sparse_weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Te
     if weights.dim() == 3 or delta.shape[0] == 0 or delta.device.type != "cpu" or delta.dtype != torch.float32:
         return _weighted_sum(delta, weights)
     s, rest = delta.shape[0], delta.shape[1:]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+    with warnings.catch_warnings():  # silence torch's beta notice only; any other warning still surfaces
+        warnings.filterwarnings("ignore", message=_CSR_BETA_WARNING, category=UserWarning)
         out = weights.T.to_sparse_csr() @ delta.reshape(s, -1)
     return out.view(weights.shape[1], *rest)
 

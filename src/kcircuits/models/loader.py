@@ -130,6 +130,46 @@ def _bundled_folder(name: str) -> Path:
     return target
 
 
+#: exception classes (by name, anywhere in an exception's MRO or `from` chain) that mean the files are
+#: not on this machine and the hub could not be asked: offline mode, no connection, a timeout
+_UNREACHABLE = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError", "ConnectTimeout",
+                "TimeoutError", "Timeout", "TimeoutException", "ProxyError", "SSLError"}
+_MAX_REASON = 300
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, shortened to about ``_MAX_REASON`` characters."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > _MAX_REASON:
+        msg = msg[: _MAX_REASON - 1].rstrip() + "…"
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because the hub could not be reached (or was not allowed to be)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(cls.__name__ in _UNREACHABLE for cls in type(e).__mro__):
+            return True
+        if "couldn't connect" in str(e).lower():  # transformers rewraps offline/connection failures as OSError
+            return True
+        e = e.__cause__  # explicit `raise ... from` only: an implicit context may be unrelated
+    return False
+
+
+def _load_error(what: str, exc: BaseException, local: bool) -> KcircuitsError:
+    """A KcircuitsError that keeps the real cause; "not reachable" only for connection or offline failures."""
+    reason = _describe(exc)
+    if _unreachable(exc):
+        where = ("it is not in the local Hugging Face cache and hub access is off (local_files_only / HF_HUB_OFFLINE)"
+                 if local else "it is not in the local Hugging Face cache and the hub could not be reached")
+        return KcircuitsError(f"{what}: {where}. Offline alternatives: 'smollm2-135m' (bundled) or a local folder "
+                              f"saved with save_pretrained(). Cause: {reason}")
+    return KcircuitsError(f"{what}: {reason}")
+
+
 def load_model(
     name_or_path: str,
     device: str | torch.device | None = "cpu",
@@ -165,17 +205,13 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=local)
     except Exception as exc:  # the hub raises many types (OSError, HTTP errors, ValueError)
-        raise KcircuitsError(
-            f"could not load model {name_or_path!r} ({type(exc).__name__}); it is neither on this machine nor "
-            f"reachable on the Hugging Face hub. Offline alternatives: 'smollm2-135m' (bundled) or a local folder "
-            f"saved with save_pretrained()"
-        ) from None
+        raise _load_error(f"could not load the config of model {name_or_path!r}", exc, local) from None
     check_supported(config)
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=local)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     except Exception as exc:
-        raise KcircuitsError(f"could not load the weights or tokenizer of {name_or_path!r}: {exc}".splitlines()[0]) from None
+        raise _load_error(f"could not load the weights or tokenizer of {name_or_path!r}", exc, local) from None
     hf.to(dev).eval()
     return from_hf(hf, tokenizer, name=name_or_path)
 

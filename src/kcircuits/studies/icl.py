@@ -21,7 +21,7 @@ import torch
 
 from kcircuits.ablation import mean_activations
 from kcircuits.analyze.head_roles import attention_mass, token_offsets
-from kcircuits.api import _batches, answer_ranks
+from kcircuits.api import model_batches, answer_ranks
 from kcircuits.data import build_prompts, load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
@@ -92,9 +92,14 @@ def icl(
 ) -> dict:
     """Accuracy and circuits with k = 0..4 demonstrations; new heads, their attention and ablation."""
     check_common(method, steps, metric, ablation, batch_size, percent, n_edges)
-    ks = sorted(set(int(k) for k in ks))
+    # the new heads are those absent from the zero-shot circuit, so k = 0 is required
+    given = list(ks)
+    ks = sorted(set(int(k) for k in given))
+    if ks and ks[0] < 0:
+        raise KcircuitsError(f"--ks are numbers of demonstrations and must be >= 0, got {ks[0]}")
     if not ks or ks[0] != 0 or ks[-1] < 1:
-        raise KcircuitsError("--ks must include 0 (zero-shot) and at least one k >= 1, e.g. 0,1,2,3,4")
+        raise KcircuitsError(f"--ks must include 0 (zero-shot) and at least one k >= 1, e.g. 0 1 2 3 4; got "
+                             f"{' '.join(str(k) for k in given) or 'none'}")
     if n_random < 1:
         raise KcircuitsError("--random-draws must be >= 1")
     ds = load_dataset(relation)
@@ -147,7 +152,7 @@ def icl(
     new_heads = sorted(set().union(*new_by_k.values()), key=engine.graph.src_index)
 
     # the new heads at the largest k: attention to the demonstrations' answers, and ablation
-    batches = _batches(lm, pairs[K], batch_size, "first_token")
+    batches = model_batches(lm, pairs[K], batch_size, "first_token")
     attn = torch.cat([attention_mass(engine, b, _span_mask(tok, pairs[K][i * batch_size:(i + 1) * batch_size], spans,
                                                            b.clean.shape[1]))
                       for i, b in enumerate(batches)], 1).mean(1)  # [L*H]
@@ -157,18 +162,20 @@ def icl(
     ablation_res = None
     if new_heads:
         others = [h for h in head_names if h not in set(new_heads)]
-        def accuracy(heads: Sequence[str]) -> float:
+
+        def accuracy_ablated(heads: Sequence[str]) -> float:
             return _accuracy_with_heads_ablated(engine, pairs[K], lm.pad_token_id, batch_size, heads, mean)
 
-        draws = [accuracy(random.Random(seed + i).sample(others, min(len(new_heads), len(others))))
+        draws = [accuracy_ablated(random.Random(seed + i).sample(others, min(len(new_heads), len(others))))
                  for i in range(n_random)]
         ablation_res = {"k": K, "n_heads": len(new_heads), "accuracy_intact": accuracy[K],
-                        "accuracy_new_heads_ablated": accuracy(new_heads),
+                        "accuracy_new_heads_ablated": accuracy_ablated(new_heads),
                         "accuracy_random_heads_ablated": draws,
                         "accuracy_random_heads_ablated_mean": sum(draws) / len(draws),
                         "accuracy_random_heads_ablated_std": float(torch.tensor(draws).std(unbiased=False))}
     result = {
         "relation": ds.name, "template": tpl, "demonstrations": demos, "ks": ks, "n_queries": len(common),
+        "query_subjects": common,
         "n_edges": size, "accuracy": {str(k): v for k, v in accuracy.items()},
         "new_heads_by_k": {str(k): v for k, v in new_by_k.items()}, "new_heads": new_heads,
         "attention_to_demo_answers": {h: attn_of[h] for h in new_heads},
