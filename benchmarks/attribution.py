@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from kcircuits.batching import make_batch
 from kcircuits.discover.eap import attribute
 from kcircuits.engine import Engine
-from kcircuits.evaluate import Evaluator, select
+from kcircuits.evaluate import Evaluator
+from kcircuits.selection import select
 from kcircuits.models import from_hf, load_model
 
 

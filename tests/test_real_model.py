@@ -44,8 +44,11 @@ def test_smollm2_circuit_beats_random(smol, tmp_path):
                        progress=False)
     m = res.metrics["sets"]["discover"]
     assert m["full_hit10"] == 1.0  # known-only kept only answers within the top 10
-    rnd = m["random_baseline"]["faithfulness_of_means"]
-    # a 2% circuit found by EAP-IG keeps far more of the logit difference than random connected circuits
+    kinds = m["random_baseline"]["kinds"]
+    for kind in ("same_size", "same_logit_edges"):  # random circuits of exactly the circuit's pruned size
+        assert [s["n_edges"] for s in kinds[kind]["shapes"]] == [res.circuit.n_edges] * 2
+    rnd = kinds["same_size"]["faithfulness_of_means"] + kinds["same_logit_edges"]["faithfulness_of_means"]
+    # a 2% circuit found by EAP-IG keeps far more of the logit difference than random circuits of its size
     assert m["faithfulness_of_means"] > 0.3 and m["faithfulness_of_means"] > max(rnd) + 0.2
 
 

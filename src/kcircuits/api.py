@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,17 +20,12 @@ from kcircuits import __version__
 from kcircuits.ablation import check_ablation, mean_activations
 from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
 from kcircuits.batching import ANSWER_SCORING, Batch, make_batches
-from kcircuits.data import build_prompts, load_dataset, split_samples
+from kcircuits.data import build_prompts, cap_pairs, load_dataset, split_samples
+from kcircuits.data.prompts import SKIP_ANSWER_COLLISION, SKIP_NO_SAME_LENGTH, TemplateSpec
 from kcircuits.discover.eap import METHODS, attribute, integration_points
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.evaluate import (
-    CURVE_PERCENTS,
-    Evaluator,
-    random_circuit,
-    select,
-    select_by_threshold,
-)
+from kcircuits.evaluate import CURVE_PERCENTS, Evaluator
 from kcircuits.explain import Explanation, explain
 from kcircuits.graph import Circuit, Graph
 from kcircuits.metrics import METRICS, answer_rank
@@ -39,6 +33,7 @@ from kcircuits.models import LoadedModel, load_model
 from kcircuits.report import write_report
 from kcircuits.report_data import build_report
 from kcircuits.runs import RunFolder, default_run_dir
+from kcircuits.selection import select, select_by_threshold
 
 
 @dataclass
@@ -77,16 +72,19 @@ def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
 
 @torch.no_grad()
 def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, mask: torch.Tensor | None = None,
-                 ablated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rank of each pair's first answer token (1 = top) and its own top token, ``[n]`` each.
+                 ablated: torch.Tensor | None = None,
+                 answer_scoring: str = "first_token") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rank of each pair's answer (1 = top; ties count against it) and its own top token, ``[n]`` each.
 
-    With ``mask`` (``[n_src, n_dst]``, 0 = patched) the patched model's, its patched edges carrying
-    ``ablated`` (batch-independent, e.g. dataset means ``[n_src, 1, 1, d]``, or None for zero).
+    The rank is the first answer token's, or with ``answer_scoring="full"`` the worst of the answer's
+    tokens under teacher forcing (see :func:`kcircuits.metrics.answer_rank`). With ``mask``
+    (``[n_src, n_dst]``, 0 = patched) the patched model's, its patched edges carrying ``ablated``
+    (batch-independent, e.g. dataset means ``[n_src, 1, 1, d]``, or None for zero).
     """
     ranks, top = [], []
     device = engine.w.W_E.device
     mask = None if mask is None else mask.to(device)
-    for batch in make_batches(pairs, pad_id, batch_size):
+    for batch in make_batches(pairs, pad_id, batch_size, answer_scoring):
         batch = batch.to(device)
         logits = engine.run(engine.embed(batch.clean), batch.target_pos, mask=mask, ablated=ablated).logits
         ranks.append(answer_rank(logits, batch).cpu())
@@ -94,46 +92,80 @@ def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, m
     return torch.cat(ranks), torch.cat(top)
 
 
-def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int) -> tuple[list, int]:
-    """Keep the pairs whose answer's first token the model ranks within ``top_k`` on the clean prompt."""
-    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size)
+def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int,
+                 answer_scoring: str = "first_token") -> tuple[list, int]:
+    """Keep the pairs whose answer the model ranks within ``top_k`` on the clean prompt (whole answers:
+    every token within ``top_k`` under teacher forcing)."""
+    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size, answer_scoring=answer_scoring)
     kept = [p for p, r in zip(pairs, ranks.tolist()) if r <= top_k]
     return kept, len(pairs) - len(kept)
 
 
+#: Which prompt sets the known-facts filter applies to: both halves of a split, or only the half the
+#: circuit is found on (the Knowledge Circuits paper's protocol: test on every held-out fact).
+KNOWN_ONLY_ON = ("both", "discover")
+
+
+def empty_prompts_hint(skipped: dict[str, int], n_candidates: int, answer_scoring: str) -> str:
+    """What to do when filtering left no prompt pair, from the reason that removed the most candidates."""
+    if not skipped or not any(skipped.values()):
+        return "add samples to the relation"
+    reason = max(skipped, key=lambda k: skipped[k])
+    if reason == SKIP_ANSWER_COLLISION and answer_scoring == "first_token":
+        return ("the answers share their first token with every same-length partner (a tokenizer that splits "
+                "numbers such as years into digits does this): score whole answers with --answer-scoring full "
+                "--metric logprob (answer_scoring='full', metric='logprob'), or use answers that differ in their "
+                "first token")
+    if reason == SKIP_ANSWER_COLLISION:
+        return "the answers' tokens are the same for every same-length partner; add samples with other answers"
+    if reason == SKIP_NO_SAME_LENGTH:
+        return ("no other subject gives a prompt of the same token length; add subjects of similar length or "
+                "other templates")
+    if reason.startswith("not_known_top"):
+        return "the model knows too few of these facts: try without --known-only, a larger --known-k, or more samples"
+    return "add samples to the relation, or use other templates"
+
+
 def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, split: float | None, known_only: bool,
                     known_k: int, max_pairs: int | None, seed: int, batch_size: int,
-                    templates: list[int] | None = None) -> dict[str, PromptSplit]:
-    """Build the prompt pairs of a relation: one set, or disjoint discover/test halves by subject."""
+                    templates: Sequence[TemplateSpec] | None = None, known_only_on: str = "both",
+                    answer_scoring: str = "first_token", roles: Sequence[str] | None = None) -> dict[str, PromptSplit]:
+    """Build the prompt pairs of a relation: one set ("all"), or disjoint "discover"/"test" halves by subject.
+
+    Every set is built the same way: all pairs, then the known-facts filter where it applies
+    (``known_only`` on the sets named by ``known_only_on``), then the cap of ``max_pairs``
+    (:func:`kcircuits.data.cap_pairs`). ``roles`` limits which sets are built (e.g. only "test").
+    """
+    if known_only_on not in KNOWN_ONLY_ON:
+        raise KcircuitsError(f"unknown --known-only-on {known_only_on!r}: use one of {', '.join(KNOWN_ONLY_ON)}")
     ds = load_dataset(relation)
     parts = {"all": ds} if split is None else dict(zip(("discover", "test"), split_samples(ds, split, seed)))
     out = {}
     for role, part in parts.items():
-        # With --known-only the cap applies to the pairs the model knows, so filter first.
-        ps = build_prompts(part, model.tokenizer, templates=templates, max_pairs=None if known_only else max_pairs,
-                           seed=seed)
+        if roles is not None and role not in roles:
+            continue
+        ps = build_prompts(part, model.tokenizer, templates=templates, seed=seed, answer_scoring=answer_scoring)
         skipped = dict(ps.skipped)
         pairs = list(ps.pairs)
-        if known_only and pairs:
-            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size)
+        if known_only and pairs and (known_only_on == "both" or role != "test"):
+            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size, answer_scoring)
             skipped[f"not_known_top{known_k}"] = dropped
-            if max_pairs is not None and len(pairs) > max_pairs:
-                keep = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
-                pairs = [pairs[i] for i in keep]
-        capped = ps.n_candidates - len(pairs) - sum(skipped.values())
-        if capped:  # a choice, not a failure, but still counted so nothing disappears silently
-            skipped["over_max_pairs"] = capped
+        capped = cap_pairs(pairs, max_pairs, seed)
+        if len(capped) < len(pairs):  # a choice, not a failure, but still counted so nothing disappears silently
+            skipped["over_max_pairs"] = len(pairs) - len(capped)
+        pairs = capped
         if not pairs:
             reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) or "none"
             raise KcircuitsError(
                 f"relation {ds.name!r} ({role}): no usable prompt pairs after filtering ({ps.n_candidates} candidates; "
-                f"skipped {reasons}); try without --known-only, a larger --known-k, or more samples"
+                f"skipped {reasons}); {empty_prompts_hint(skipped, ps.n_candidates, answer_scoring)}"
             )
         out[role] = PromptSplit(ds.name, role, pairs, skipped, ps.n_candidates)
     return out
 
 
-def _batches(model: LoadedModel, pairs: list, batch_size: int, answer_scoring: str) -> list[Batch]:
+def model_batches(model: LoadedModel, pairs: list, batch_size: int, answer_scoring: str) -> list[Batch]:
+    """Prompt pairs as batches on the model's device (one :class:`~kcircuits.batching.Batch` per ``batch_size``)."""
     return [b.to(model.device) for b in make_batches(pairs, model.pad_token_id, batch_size, answer_scoring)]
 
 
@@ -182,9 +214,10 @@ def discover(
     split: float | None = None,
     known_only: bool = False,
     known_k: int = 1,
+    known_only_on: str = "both",
     answer_scoring: str = "first_token",
     max_pairs: int | None = 64,
-    templates: list[int] | None = None,
+    templates: Sequence[TemplateSpec] | None = None,
     batch_size: int = 8,
     curve: bool = True,
     curve_percents: Sequence[float] = CURVE_PERCENTS,
@@ -202,18 +235,24 @@ def discover(
 
     The circuit size is ``n_edges``, or ``percent`` of all edges, or every edge scoring at least
     ``threshold`` (default: 1% of the edges). With ``split`` (e.g. 0.5) the circuit is found on
-    that fraction of the relation's subjects and evaluated on the rest. The first
+    that fraction of the relation's subjects and evaluated on the rest; ``known_only`` keeps the facts
+    the model ranks within ``known_k``, on both halves or (``known_only_on="discover"``, the
+    Knowledge Circuits paper's protocol) only on the half the circuit is found on. ``templates``
+    selects prompt templates by index, or an LRE file's zero-shot ones by ``"zs0"``. The first
     ``explain_prompts`` test prompts (0: none) are explained: logit lens, head roles, composition.
     """
     check_settings(method, steps, metric, ablation, batch_size, answer_scoring=answer_scoring,
                    selection="threshold" if threshold is not None else selection)
     if split is not None and not 0 < split < 1:
         raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
+    if known_only_on not in KNOWN_ONLY_ON:
+        raise KcircuitsError(f"unknown --known-only-on {known_only_on!r}: use one of {', '.join(KNOWN_ONLY_ON)}")
     model_name = model.name if isinstance(model, LoadedModel) else model
     reproduce = dict(command="discover", relation=relation, model=model_name, method=method, steps=steps, metric=metric,
                      ablation=ablation, selection=selection, n_edges=n_edges, percent=percent, threshold=threshold,
                      absolute=absolute, split=split, known_only=known_only, known_k=known_k,
-                     answer_scoring=answer_scoring, max_pairs=max_pairs, templates=templates, grouped=grouped,
+                     known_only_on=known_only_on, answer_scoring=answer_scoring, max_pairs=max_pairs,
+                     templates=None if templates is None else list(templates), grouped=grouped,
                      dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random,
                      explain_prompts=explain_prompts, thresholds=asdict(thresholds or RoleThresholds()))
     load_dataset(relation)  # fail on a bad relation before anything is loaded or written
@@ -227,11 +266,12 @@ def discover(
 
     # 1. prompts
     sets = prepare_prompts(lm, engine, relation, split=split, known_only=known_only, known_k=known_k,
-                           max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates)
+                           max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates,
+                           known_only_on=known_only_on, answer_scoring=answer_scoring)
     run.write_json("prompts.json", {role: s.to_json() for role, s in sets.items()})
     found_on = sets.get("discover", sets.get("all"))
     tested_on = sets.get("test", found_on)
-    disc_batches = _batches(lm, found_on.pairs, batch_size, answer_scoring)
+    disc_batches = model_batches(lm, found_on.pairs, batch_size, answer_scoring)
 
     # 2. attribution scores (reused when present)
     if run.has("scores.safetensors"):
@@ -333,19 +373,13 @@ def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | No
     out: dict = {"sets": {}}
     last = list(sets)[-1]
     for role, ps in sets.items():
-        batches = _batches(lm, ps.pairs, batch_size, answer_scoring)
+        batches = model_batches(lm, ps.pairs, batch_size, answer_scoring)
         mean = mean_activations(engine, batches) if ablation == "mean" else None
         ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
         res = ev.evaluate(circuit)
         res.update(relation=ps.relation, role=role, skipped=ps.skipped)
-        if role == last and n_random > 0:
-            draws = [ev.evaluate(random_circuit(engine.graph, circuit.n_edges, seed + i)) for i in range(n_random)]
-            res["random_baseline"] = {
-                "n_draws": n_random,
-                "faithfulness_of_means": [d["faithfulness_of_means"] for d in draws],
-                "circuit_hit10": [d["circuit_hit10"] for d in draws],
-                "n_edges": [d["n_edges"] for d in draws],
-            }
+        if role == last and n_random > 0 and circuit.n_edges:
+            res["random_baseline"] = ev.random_baselines(circuit, n_random, seed)
         if role == last and curve and scores is not None:
             out["curve"] = ev.curve(scores, curve_percents, selection=selection, absolute=absolute,
                                     random_baseline=n_random > 0, seed=seed)
@@ -366,6 +400,8 @@ def evaluate(
     known_only: bool = False,
     known_k: int = 1,
     max_pairs: int | None = 64,
+    split: float | None = None,
+    templates: Sequence[TemplateSpec] | None = None,
     batch_size: int = 8,
     n_random: int = 3,
     explain_prompts: int = 16,
@@ -376,7 +412,15 @@ def evaluate(
     progress: bool = True,
 ) -> RunOutput:
     """Evaluate an existing circuit (a ``circuit.json`` or a run folder) on the prompts of several relations,
-    and explain it (logit lens, head roles, composition) on the first ``explain_prompts`` prompts of the first."""
+    and explain it (logit lens, head roles, composition) on the first ``explain_prompts`` prompts of the first.
+
+    With ``split`` the circuit is evaluated on the held-out part of each relation: the subjects that
+    ``discover(..., split=split, seed=seed)`` did not find it on. ``known_only`` filters the evaluated
+    prompts; leave it off to test on every held-out fact (the Knowledge Circuits paper's test set).
+    ``templates`` and ``max_pairs`` choose and cap the prompts as in :func:`discover`.
+    """
+    if split is not None and not 0 < split < 1:
+        raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
     _validate("eap", metric, ablation, answer_scoring, "topn")
     if not relations:
         raise KcircuitsError("give at least one relation to evaluate on")
@@ -399,7 +443,7 @@ def evaluate(
                      circuit_sha256=hashlib.sha256("\n".join(edge_names).encode()).hexdigest(),
                      relations=list(relations), model=model_name, metric=metric, ablation=ablation,
                      answer_scoring=answer_scoring, known_only=known_only, known_k=known_k, max_pairs=max_pairs,
-                     dtype=dtype, seed=seed, n_random=n_random, explain_prompts=explain_prompts,
+                     split=split, templates=None if templates is None else list(templates), dtype=dtype, seed=seed, n_random=n_random, explain_prompts=explain_prompts,
                      thresholds=asdict(thresholds or RoleThresholds()))
     folder = Path(out) if out else default_run_dir("evaluate", [Path(model_name).name] + [Path(r).stem for r in relations][:3],
                                                    reproduce)
@@ -415,15 +459,22 @@ def evaluate(
     engine = Engine(lm.weights, g)
     run.write_json("circuit.json", circuit.to_json({"model": model_name}))
     per_relation, all_sets = {}, {}
+
+    def evaluation_prompts(rel: str) -> PromptSplit:
+        """All of a relation's prompts, or with ``split`` its held-out ("test") part."""
+        sets = prepare_prompts(lm, engine, rel, split=split, known_only=known_only, known_k=known_k,
+                               max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates,
+                               answer_scoring=answer_scoring, roles=("all", "test"))
+        return sets["all" if split is None else "test"]
+
     for rel in relations:
         name = Path(rel).stem
         if run.has(f"metrics_{name}.json"):
             per_relation[name] = run.read_json(f"metrics_{name}.json")
             continue
-        sets = prepare_prompts(lm, engine, rel, split=None, known_only=known_only, known_k=known_k,
-                               max_pairs=max_pairs, seed=seed, batch_size=batch_size)
-        all_sets[name] = sets["all"]
-        res = evaluate_circuit(engine, circuit, None, {name: sets["all"]}, lm, metric=metric, ablation=ablation,
+        ps = evaluation_prompts(rel)
+        all_sets[name] = ps
+        res = evaluate_circuit(engine, circuit, None, {name: ps}, lm, metric=metric, ablation=ablation,
                                answer_scoring=answer_scoring, batch_size=batch_size, curve=False, curve_percents=(),
                                selection="topn", absolute=True, n_random=n_random, seed=seed, progress=progress)
         per_relation[name] = res["sets"][name]
@@ -433,9 +484,7 @@ def evaluate(
     ex = None
     if explain_prompts:  # the explanation on the first relation's prompts
         first = Path(relations[0]).stem
-        ps = all_sets.get(first) or prepare_prompts(lm, engine, relations[0], split=None, known_only=known_only,
-                                                    known_k=known_k, max_pairs=max_pairs, seed=seed,
-                                                    batch_size=batch_size)["all"]
+        ps = all_sets.get(first) or evaluation_prompts(relations[0])
         ex = explain_circuit(run, engine, lm, circuit, ps.pairs[:explain_prompts], answer_range_of(ps.pairs),
                              ablation=ablation, batch_size=batch_size, thresholds=thresholds)
     write_report(run.file("report.html"), _report(run.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))

@@ -22,7 +22,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="score the answer's first token (default) or its whole log-probability")
     p.add_argument("--known-only", action="store_true", help="keep only samples the model answers within --known-k")
     p.add_argument("--known-k", type=int, default=1)
-    p.add_argument("--max-pairs", type=int, default=64, help="cap on prompt pairs per relation (0: no cap)")
+    p.add_argument("--max-pairs", type=int, default=64,
+                   help="cap on prompt pairs per relation and split half, applied after --known-only (0: no cap)")
+    p.add_argument("--templates", nargs="+", metavar="T",
+                   help="prompt templates to use: indices (0 1 ...) of prompt_templates, or zs0 zs1 ... / zs for an "
+                        "LRE file's zero-shot templates (prompt_templates_zs); default: every prompt_templates entry")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--random-draws", type=int, default=3, help="random connected circuits of the same size to compare with")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -42,6 +46,12 @@ def _thresholds_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-z-min", type=float, default=t.answer_z_min, help="mover: z-score of the answer's direct effect")
     g.add_argument("--specificity-min", type=float, default=t.specificity_min, help="mover: answer z minus range z")
     g.add_argument("--range-z-min", type=float, default=t.range_z_min, help="relation head: z-score on the answer range")
+
+
+def _templates(args):
+    from kcircuits.data import parse_template_specs
+
+    return None if args.templates is None else parse_template_specs(args.templates)
 
 
 def _thresholds(args):
@@ -92,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--signed", action="store_true", help="rank by signed score instead of |score|")
     d.add_argument("--split", type=float, nargs="?", const=0.5, default=None,
                    help="discover on this fraction of the subjects (default 0.5), evaluate on the rest")
-    d.add_argument("--templates", type=int, nargs="+", help="indices of the prompt templates to use (default all)")
+    d.add_argument("--known-only-on", default="both", choices=["both", "discover"],
+                   help="with --known-only: filter both halves (default), or only the discovery half so the circuit "
+                        "is tested on every held-out fact (the Knowledge Circuits paper's protocol)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
     d.add_argument("--ungrouped", action="store_true", help="one k/v destination per query head (GQA models)")
     d.add_argument("--export-mib", action="store_true", help="also write circuit_mib.json (EAP-IG/MIB graph format)")
@@ -104,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
     e.add_argument("circuit", help="a circuit.json or a discover run folder")
     e.add_argument("relations", nargs="+", help="relations to evaluate on")
+    e.add_argument("--split", type=float, nargs="?", const=0.5, default=None,
+                   help="evaluate on the held-out subjects of `discover --split F` (same --seed) instead of all")
     e.add_argument("--explain-prompts", type=int, default=16,
                    help="explain the circuit on this many prompts of the first relation (0: skip)")
     _common(e)
@@ -151,8 +165,9 @@ def _discover(args) -> None:
     res = discover(args.relation, args.model, out=args.out, method=args.method, steps=args.steps, metric=args.metric,
                    ablation=args.ablation, selection=args.selection, n_edges=args.edges, percent=args.percent,
                    threshold=args.threshold, absolute=not args.signed, split=args.split, known_only=args.known_only,
-                   known_k=args.known_k, answer_scoring=args.answer_scoring, max_pairs=args.max_pairs or None,
-                   templates=args.templates, batch_size=args.batch_size, curve=not args.no_curve,
+                   known_k=args.known_k, known_only_on=args.known_only_on, answer_scoring=args.answer_scoring,
+                   max_pairs=args.max_pairs or None, templates=_templates(args), batch_size=args.batch_size,
+                   curve=not args.no_curve,
                    n_random=args.random_draws, grouped=not args.ungrouped, export_mib=args.export_mib,
                    explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
                    dtype=args.dtype, seed=args.seed, progress=not args.quiet)
@@ -164,7 +179,8 @@ def _evaluate(args) -> None:
 
     res = evaluate(args.circuit, args.relations, args.model, out=args.out, metric=args.metric, ablation=args.ablation,
                    answer_scoring=args.answer_scoring, known_only=args.known_only, known_k=args.known_k,
-                   max_pairs=args.max_pairs or None, batch_size=args.batch_size, n_random=args.random_draws,
+                   max_pairs=args.max_pairs or None, split=args.split, templates=_templates(args),
+                   batch_size=args.batch_size, n_random=args.random_draws,
                    explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
                    dtype=args.dtype, seed=args.seed, progress=not args.quiet)
     _print_result(res)
@@ -206,16 +222,20 @@ def _influence(args) -> None:
 
 
 def _print_result(res) -> None:
+    from kcircuits.report_data import random_mean
+
     print(f"circuit: {res.circuit.n_edges} edges, {len(res.circuit.nodes())} nodes")
     for role, m in res.metrics["sets"].items():
-        rnd = m.get("random_baseline")
-        rnd_txt = ""
-        if rnd:
-            vals = rnd["faithfulness_of_means"]
-            rnd_txt = f"  random circuit {sum(vals) / len(vals):.3f}"
+        rnd = random_mean(m, "faithfulness_of_means")
+        rnd_txt = f"  random circuit (same size) {rnd:.3f}" if rnd is not None else ""
+        unstable = m.get("unstable_prompts", {}).get("n", 0)
         print(f"{role:>10}: {m['n_prompts']} prompts  faithfulness {m['faithfulness_of_means']:.3f}"
-              f" (per prompt {m['faithfulness']['mean']:.3f} ± {m['faithfulness']['std']:.3f}){rnd_txt}"
-              f"  Hit@1 {m['full_hit1']:.2f}->{m['circuit_hit1']:.2f}  Hit@10 {m['full_hit10']:.2f}->{m['circuit_hit10']:.2f}")
+              f" (per prompt {m['faithfulness']['mean']:.3f} ± {m['faithfulness']['std']:.3f}"
+              f"{f', {unstable} unstable prompts left out' if unstable else ''}){rnd_txt}")
+        for k in (1, 10):
+            rk = random_mean(m, f"circuit_hit{k}")
+            print(f"{'':>10}  Hit@{k}: full {m[f'full_hit{k}']:.2f}  circuit {m[f'circuit_hit{k}']:.2f}"
+                  + (f"  random {rk:.2f}" if rk is not None else "") + f"  chance {m[f'chance_hit{k}']:.2f}")
     if "curve" in res.metrics:
         c = res.metrics["curve"]
         print(f"     curve: CPR {c['cpr']:.3f}  CMD {c['cmd']:.3f}")

@@ -18,12 +18,23 @@ from kcircuits.ablation import ablated_acts, check_ablation
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.graph import Circuit, Graph, prune, select_greedy, select_threshold, select_topn
-from kcircuits.metrics import Metric, answer_rank, check_finite, curve_areas, faithfulness, get_metric, kl_div, summary
+from kcircuits.graph import Circuit
+from kcircuits.metrics import (
+    Metric,
+    answer_rank,
+    check_finite,
+    curve_areas,
+    faithfulness,
+    get_metric,
+    kl_div,
+    MIN_GAP_FRACTION,
+    stable_prompts,
+    summary,
+)
+from kcircuits.selection import RANDOM_KINDS, CircuitShape, random_circuit, random_circuits, select
 
 #: Circuit sizes of the faithfulness curve, in percent of all edges (MIB's grid).
 CURVE_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
-SELECTIONS = ("topn", "greedy")
 
 
 @dataclass
@@ -32,31 +43,6 @@ class _Cached:
     ablated: torch.Tensor | None
     full_logits: torch.Tensor  # [b, T, V]
     empty_logits: torch.Tensor
-
-
-def select(graph: Graph, scores: torch.Tensor, n_edges: int, *, selection: str = "topn", absolute: bool = True,
-           do_prune: bool = True) -> Circuit:
-    """Select ``n_edges`` edges by ``selection`` ("topn" or "greedy"), then drop edges off any input->logits path."""
-    if selection == "topn":
-        circuit = select_topn(graph, scores, n_edges, absolute)
-    elif selection == "greedy":
-        circuit = select_greedy(graph, scores, n_edges, absolute)
-    else:
-        raise KcircuitsError(f"unknown selection {selection!r}: use one of {', '.join(SELECTIONS)} (or a threshold)")
-    return prune(circuit) if do_prune else circuit
-
-
-def select_by_threshold(graph: Graph, scores: torch.Tensor, threshold: float, *, absolute: bool = True,
-                        do_prune: bool = True) -> Circuit:
-    circuit = select_threshold(graph, scores, threshold, absolute)
-    return prune(circuit) if do_prune else circuit
-
-
-def random_circuit(graph: Graph, n_edges: int, seed: int) -> Circuit:
-    """A random connected circuit: greedy growth from the logits under random scores, then pruned."""
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists()
-    return prune(select_greedy(graph, scores, n_edges, absolute=False))
 
 
 class Evaluator:
@@ -89,7 +75,10 @@ class Evaluator:
                 self.cache.append(_Cached(batch, abl if self.cache_ablated else None, full, empty))
         self.m_full = check_finite(self._metric_over("full_logits"), "the full model's metric")
         self.m_empty = check_finite(self._metric_over("empty_logits"), "the empty circuit's metric")
-        self.rank_full = torch.cat([answer_rank(c.full_logits, c.batch) for c in self.cache])
+        self.rank_full = torch.cat([answer_rank(c.full_logits, c.batch) for c in self.cache]).cpu()
+        # the chance level: the fully ablated run (the empty circuit) on the same prompts
+        self.rank_empty = torch.cat([answer_rank(c.empty_logits, c.batch) for c in self.cache]).cpu()
+        self.stable, self.min_gap = stable_prompts(self.m_full, self.m_empty)
 
     @property
     def n_prompts(self) -> int:
@@ -127,17 +116,39 @@ class Evaluator:
             "metric_full": summary(self.m_full),
             "metric_empty": summary(self.m_empty),
             "metric_circuit": summary(m_circ),
-            "faithfulness": summary(faith),
+            # per prompt, over the prompts whose full-vs-empty gap is large enough to divide by
+            "faithfulness": summary(faith[self.stable]),
+            "faithfulness_all_prompts": summary(faith),
+            "unstable_prompts": {"n": int((~self.stable).sum()), "min_gap": self.min_gap,
+                                 "rule": f"|m(full) - m(empty)| < {MIN_GAP_FRACTION} x its median over the prompts"},
             # ratio of means: stable even when single prompts have a tiny full-vs-empty gap
             "faithfulness_of_means": float(m_circ.mean() - self.m_empty.mean()) / denom_full if denom_full else math.nan,
             "kl_full_to_circuit": summary(kl),
             "per_prompt": {"metric_circuit": m_circ.tolist(), "faithfulness": faith.tolist(),
-                           "rank_full": self.rank_full.tolist(), "rank_circuit": rank_circ.tolist()},
+                           "stable": self.stable.tolist(), "rank_full": self.rank_full.tolist(),
+                           "rank_circuit": rank_circ.tolist(), "rank_chance": self.rank_empty.tolist()},
         }
         for k in ks:
             result[f"full_hit{k}"] = float((self.rank_full <= k).float().mean())
             result[f"circuit_hit{k}"] = float((rank_circ <= k).float().mean())
+            result[f"chance_hit{k}"] = float((self.rank_empty <= k).float().mean())
         return result
+
+    def random_baselines(self, circuit: Circuit, n_draws: int, seed: int, kinds: Sequence[str] = RANDOM_KINDS) -> dict:
+        """Evaluate ``n_draws`` random circuits of each kind (:data:`kcircuits.selection.RANDOM_KINDS`), every
+        one with exactly the circuit's number of edges after pruning: per kind each draw's shape and
+        values, and their mean and spread."""
+        shape = CircuitShape.of(circuit)
+        out: dict = {"circuit_shape": shape.to_json(), "n_draws": n_draws, "kinds": {}}
+        for kind in kinds:
+            circuits = random_circuits(self.graph, shape, n_draws, seed, kind)
+            draws = [self.evaluate(c) for c in circuits]
+            entry: dict = {"shapes": [CircuitShape.of(c).to_json() for c in circuits]}
+            for key in ("faithfulness_of_means", "circuit_hit1", "circuit_hit10"):
+                entry[key] = [d[key] for d in draws]
+                entry[f"{key}_summary"] = summary(torch.tensor(entry[key]))
+            out["kinds"][kind] = entry
+        return out
 
     def curve(self, scores: torch.Tensor, percents: Sequence[float] = CURVE_PERCENTS, *, selection: str = "topn",
               absolute: bool = True, random_baseline: bool = False, seed: int = 0) -> dict:
@@ -150,11 +161,14 @@ class Evaluator:
             res = self.evaluate(circuit)
             point = {"percent": pct, "n_selected": n, "n_edges": res["n_edges"],
                      "faithfulness_mean": res["faithfulness"]["mean"], "faithfulness_std": res["faithfulness"]["std"],
-                     "faithfulness_of_means": res["faithfulness_of_means"], "circuit_hit10": res["circuit_hit10"]}
-            if random_baseline:
-                rnd = self.evaluate(random_circuit(g, n, seed + len(points)))
+                     "faithfulness_of_means": res["faithfulness_of_means"], "circuit_hit10": res["circuit_hit10"],
+                     "chance_hit10": res["chance_hit10"]}
+            if random_baseline:  # one random circuit of exactly this circuit's pruned size and node count
+                rnd = (self.evaluate(random_circuit(g, CircuitShape.of(circuit), seed + len(points)))
+                       if circuit.n_edges else res)
                 point["random_faithfulness_of_means"] = rnd["faithfulness_of_means"]
                 point["random_n_edges"] = rnd["n_edges"]
+                point["random_circuit_hit10"] = rnd["circuit_hit10"]
             points.append(point)
         x = [p["percent"] / 100 for p in points]
         out = {"points": points, **curve_areas(x, [p["faithfulness_of_means"] for p in points])}

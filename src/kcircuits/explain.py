@@ -35,6 +35,7 @@ class Explanation:
     pairs: list
     lens: LensResult
     lens_circuit: LensResult | None
+    lens_chance: LensResult | None  # the fully ablated run (every edge patched): the chance level
     roles: RoleTable | None
     composition: dict | None
     tokens: list[list[str]]  # decoded clean tokens of every prompt
@@ -45,6 +46,8 @@ class Explanation:
         if self.lens_circuit is not None:
             out["circuit"] = self.lens_circuit.to_json(tokenizer)
             out["summary"]["circuit"] = layer_trace(self.lens_circuit)
+        if self.lens_chance is not None:
+            out["summary"]["chance"] = layer_trace(self.lens_chance)
         return out
 
     def report_view(self, circuit: Circuit | None = None) -> dict:
@@ -52,6 +55,9 @@ class Explanation:
         trace = {"layers": list(range(self.lens.layer_rank.shape[1])), "clean": layer_trace(self.lens)}
         if self.lens_circuit is not None:
             trace["circuit"] = layer_trace(self.lens_circuit)
+        if self.lens_chance is not None:
+            trace["chance"] = layer_trace(self.lens_chance)
+        trace["n_prompts"] = len(self.pairs)
         view = {"lens": trace, "composition": self.composition}
         if self.roles is not None:
             in_circuit = set(circuit.nodes()) if circuit is not None else None
@@ -118,7 +124,8 @@ def explain(engine: Engine, tokenizer, pairs: list, pad_id: int, *, circuit: Cir
     check_ablation(ablation)
     batches: list[Batch] = [b.to(device) for b in make_batches(pairs, pad_id, batch_size)]
     mean = mean_activations(engine, batches) if (circuit is not None and ablation == "mean") else None
-    lens, lens_circ, kinds = [], [], []
+    lens, lens_circ, lens_chance, kinds = [], [], [], []
+    empty = Circuit(circuit.graph, torch.zeros_like(circuit.edges)) if circuit is not None else None
     start = 0
     for batch in batches:
         chunk = pairs[start : start + len(batch)]
@@ -127,8 +134,10 @@ def explain(engine: Engine, tokenizer, pairs: list, pad_id: int, *, circuit: Cir
         if circuit is not None:
             abl = ablated_acts(engine, batch, ablation, mean)
             lens_circ.append(logit_lens(engine, batch, circuit=circuit, ablated=abl, top_k=top_k, nodes=node_lens))
+            lens_chance.append(logit_lens(engine, batch, circuit=empty, ablated=abl, top_k=1, nodes=False))
         kinds.append(token_roles(tokenizer, chunk, batch.clean.shape[1]))
     table = (head_roles(engine, batches, kinds, answer_range or answer_range_of(pairs), thresholds=thresholds)
              if roles else None)
-    return Explanation(list(pairs), LensResult.cat(lens), LensResult.cat(lens_circ) if lens_circ else None, table,
+    return Explanation(list(pairs), LensResult.cat(lens), LensResult.cat(lens_circ) if lens_circ else None,
+                       LensResult.cat(lens_chance) if lens_chance else None, table,
                        composition(circuit) if circuit is not None else None, decode_tokens(tokenizer, pairs))

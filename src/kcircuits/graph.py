@@ -287,7 +287,7 @@ def select_greedy(graph: Graph, scores: torch.Tensor, n: int, absolute: bool = T
     key = _masked_scores(graph, scores, absolute)
     n = min(n, graph.n_edges)
     edges = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
-    reads = _dsts_read_by(graph)
+    reads = dsts_read_by(graph)
     key_rows = key.T.tolist()  # per destination, the scores of its possible sources
     heap: list[tuple[float, int, int]] = []
     opened = [False] * graph.n_dst
@@ -313,7 +313,7 @@ def select_greedy(graph: Graph, scores: torch.Tensor, n: int, absolute: bool = T
     return Circuit(graph, edges, scores)
 
 
-def _dsts_read_by(graph: Graph) -> list[list[int]]:
+def dsts_read_by(graph: Graph) -> list[list[int]]:
     """For each source node, the destinations its computation reads (inverse of ``dst_feeds``)."""
     reads: list[list[int]] = [[] for _ in range(graph.n_src)]
     for d in range(graph.n_dst):

@@ -44,11 +44,24 @@ def get_metric(name: str) -> Metric:
     return METRICS[name]
 
 
+def rank_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ``target`` (``[..., 1]``) among ``logits`` (``[..., V]``), ties counted against it.
+
+    The rank is the number of logits >= the target's own (so the target counts itself): a block of
+    tied logits ranks every member last within the block. A model whose logits are all equal ranks
+    every answer ``V``, never 1, so ties can never inflate Hit@k. A NaN target ranks ``V``.
+    """
+    rank = (logits >= target).sum(-1)
+    return torch.where(torch.isnan(target[..., 0]), torch.full_like(rank, logits.shape[-1]), rank)
+
+
 def answer_rank(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """1-based rank of the first answer token at the first target position, ``[b]``."""
-    first = logits[:, 0].float()
-    target = first.gather(-1, batch.target_ids[:, :1])
-    return (first > target).sum(-1) + 1
+    """The answer's rank, ``[b]``: its first token's rank, or with whole-answer scoring (``T > 1``)
+    the worst rank of any of its tokens under teacher forcing (so rank 1 = greedy decoding yields the
+    whole answer). Ties are counted against the answer (:func:`rank_of`)."""
+    lg = logits.float()
+    ranks = rank_of(lg, lg.gather(-1, batch.target_ids[..., None]))  # [b, T]
+    return ranks.masked_fill(~batch.target_mask, 0).max(-1).values
 
 
 def hit_at_k(logits: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
@@ -87,6 +100,21 @@ def faithfulness(m_circuit: torch.Tensor, m_full: torch.Tensor, m_empty: torch.T
     denom = m_full - m_empty
     return torch.where(denom.abs() > 0, (m_circuit - m_empty) / denom.where(denom.abs() > 0, torch.ones_like(denom)),
                        torch.full_like(denom, math.nan))
+
+
+#: A prompt's faithfulness is unstable when its clean-minus-ablated gap |m(full) - m(empty)| is below
+#: this fraction of the median gap over the prompt set: dividing by a near-zero gap turns noise into
+#: huge positive or negative values. Such prompts are flagged, counted and left out of the
+#: per-prompt faithfulness summary (the ratio of means is unaffected).
+MIN_GAP_FRACTION = 0.1
+
+
+def stable_prompts(m_full: torch.Tensor, m_empty: torch.Tensor,
+                   fraction: float = MIN_GAP_FRACTION) -> tuple[torch.Tensor, float]:
+    """``[b]`` True where |m_full - m_empty| >= ``fraction`` x its median over prompts; also the threshold."""
+    gap = (m_full - m_empty).abs()
+    threshold = float(fraction * gap.median()) if gap.numel() else 0.0
+    return (gap >= threshold) & (gap > 0), threshold
 
 
 def curve_areas(x_fraction: list[float], faith: list[float]) -> dict:

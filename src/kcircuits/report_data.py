@@ -12,15 +12,30 @@ from kcircuits.graph import Circuit, Graph
 from kcircuits.report.viewer import viewer_payload
 
 
+def random_mean(res: dict, key: str, kind: str = "same_size") -> float | None:
+    """The mean over random draws of ``key`` for one kind of random baseline, or None without draws."""
+    entry = (res.get("random_baseline") or {}).get("kinds", {}).get(kind)
+    return entry[f"{key}_summary"]["mean"] if entry else None
+
+
 def hits_rows(metrics: dict) -> list[dict]:
+    """One row per prompt set: Hit@k of the full model, the circuit, random circuits of its exact size
+    (mean of draws) and chance (the fully ablated run on the same prompts), then faithfulness."""
     rows = []
     for role, res in metrics.get("sets", {}).items():
-        rows.append({"relation": res.get("relation", role), "split": res.get("role", role),
-                     "n_prompts": res.get("n_prompts"), "full_hit1": res.get("full_hit1"),
-                     "full_hit10": res.get("full_hit10"), "circuit_hit1": res.get("circuit_hit1"),
-                     "circuit_hit10": res.get("circuit_hit10"),
-                     "faithfulness_mean": res.get("faithfulness", {}).get("mean"),
-                     "faithfulness_std": res.get("faithfulness", {}).get("std")})
+        row = {"relation": res.get("relation", role), "split": res.get("role", role), "n_prompts": res.get("n_prompts")}
+        for k in (1, 10):
+            row[f"full_hit{k}"] = res.get(f"full_hit{k}")
+            row[f"circuit_hit{k}"] = res.get(f"circuit_hit{k}")
+            row[f"random_hit{k}"] = random_mean(res, f"circuit_hit{k}")
+            row[f"chance_hit{k}"] = res.get(f"chance_hit{k}")
+        row.update({"faithfulness": res.get("faithfulness_of_means"),
+                    "random_faithfulness": random_mean(res, "faithfulness_of_means"),
+                    "random_faithfulness_same_logit_edges": random_mean(res, "faithfulness_of_means", "same_logit_edges"),
+                    "faithfulness_per_prompt_mean": res.get("faithfulness", {}).get("mean"),
+                    "faithfulness_per_prompt_std": res.get("faithfulness", {}).get("std"),
+                    "unstable_prompts": res.get("unstable_prompts", {}).get("n")})
+        rows.append({k: v for k, v in row.items() if v is not None})
     return rows
 
 
@@ -31,9 +46,12 @@ def curve_view(curve: dict | None) -> dict | None:
     view = {"x_percent": [p["percent"] for p in pts],
             "faithfulness_mean": [p["faithfulness_of_means"] for p in pts],
             "faithfulness_std": [p["faithfulness_std"] for p in pts],
+            "circuit_hit10": [p.get("circuit_hit10") for p in pts],
+            "chance_hit10": [p.get("chance_hit10") for p in pts],
             "cpr": curve["cpr"], "cmd": curve["cmd"]}
     if "random_faithfulness_of_means" in pts[0]:
         view["random_faithfulness_mean"] = [p["random_faithfulness_of_means"] for p in pts]
+        view["random_circuit_hit10"] = [p.get("random_circuit_hit10") for p in pts]
     return view
 
 
@@ -53,10 +71,16 @@ def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dic
                "nodes in circuit": len(circuit.nodes())}
     if last:
         summary["faithfulness (ratio of means)"] = round(last.get("faithfulness_of_means", float("nan")), 4)
-        rnd = last.get("random_baseline")
-        if rnd:
-            vals = rnd["faithfulness_of_means"]
-            summary["random circuit faithfulness (mean of draws)"] = round(sum(vals) / len(vals), 4)
+        for kind, label in (("same_size", "same size"), ("same_logit_edges", "same size and edges into the logits")):
+            mean = random_mean(last, "faithfulness_of_means", kind)
+            if mean is not None:
+                summary[f"random circuit faithfulness ({label}, mean of draws)"] = round(mean, 4)
+        for k in (1, 10):
+            if last.get(f"chance_hit{k}") is not None:
+                summary[f"Hit@{k}: full / circuit / random / chance"] = " / ".join(
+                    "n/a" if v is None else f"{v:.2f}" for v in (last.get(f"full_hit{k}"), last.get(f"circuit_hit{k}"),
+                                                              random_mean(last, f"circuit_hit{k}"),
+                                                              last.get(f"chance_hit{k}")))
     skipped: dict[str, int] = {}
     for ps in prompt_sets.values():
         for k, v in ps.skipped.items():

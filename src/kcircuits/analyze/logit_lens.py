@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.graph import Circuit
+from kcircuits.metrics import rank_of
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _read(engine: Engine, hidden: torch.Tensor, answer: torch.Tensor, k: int):
     w = engine.w
     logits = F.linear(w.ln_final(hidden), w.W_U, w.b_U).float()
     target = logits.gather(-1, answer[..., None].expand(*logits.shape[:-1], 1))
-    rank = (logits > target).sum(-1) + 1
+    rank = rank_of(logits, target)
     probs = torch.softmax(logits, -1)
     prob = probs.gather(-1, answer[..., None].expand(*logits.shape[:-1], 1))[..., 0]
     top_prob, top = probs.topk(k, dim=-1)

@@ -18,6 +18,8 @@ from kcircuits.data.prompts import (
     PromptSet,
     answer_token_ids,
     build_prompts,
+    cap_pairs,
+    parse_template_specs,
 )
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "RelationDataset",
     "answer_token_ids",
     "build_prompts",
+    "cap_pairs",
+    "parse_template_specs",
     "dataset_info",
     "list_datasets",
     "load_dataset",

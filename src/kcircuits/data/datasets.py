@@ -54,6 +54,8 @@ class RelationDataset:
     prompt_templates: list[str]
     samples: list[dict] = field(default_factory=list)
     source: str = ""
+    #: LRE files' zero-shot templates (``prompt_templates_zs``); select them with ``templates=["zs0"]``.
+    zs_templates: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -228,8 +230,11 @@ def _from_mapping(
         where if templates is None else f"{where} (templates argument)",
     )
     samples = _validate_samples(raw["samples"], where)
+    zs = raw.get("prompt_templates_zs") or []
+    zs_tpls = _validate_templates(zs, f"{where} (prompt_templates_zs)") if zs else []
     return RelationDataset(
-        name=name.strip(), category=category, prompt_templates=tpls, samples=samples, source=source
+        name=name.strip(), category=category, prompt_templates=tpls, samples=samples, source=source,
+        zs_templates=zs_tpls,
     )
 
 

@@ -20,6 +20,10 @@ from kcircuits.errors import KcircuitsError
 
 __all__ = [
     "SKIP_ANSWER_COLLISION",
+    "TemplateSpec",
+    "cap_pairs",
+    "parse_template_specs",
+    "select_templates",
     "SKIP_EMPTY_ANSWER",
     "SKIP_NO_SAME_LENGTH",
     "PromptPair",
@@ -30,7 +34,8 @@ __all__ = [
 
 #: No other sample gives a corrupt prompt with the clean prompt's token length.
 SKIP_NO_SAME_LENGTH = "no_same_length_corrupt"
-#: Same-length corrupt prompts exist, but each has the same object or the same first answer token.
+#: Same-length corrupt prompts exist, but each has the same object or the same first answer token
+#: (with whole-answer scoring: the same answer tokens).
 SKIP_ANSWER_COLLISION = "answer_first_token_collision"
 #: The tokenizer produced no tokens for " " + object (should not happen with real tokenizers).
 SKIP_EMPTY_ANSWER = "empty_answer_tokens"
@@ -153,28 +158,81 @@ def _fill(template: str, subject: str) -> str:
     return template.replace("{}", subject, 1)
 
 
-def _select_templates(ds: RelationDataset, templates: Sequence[int] | None) -> list[int]:
-    n = len(ds.prompt_templates)
+#: A template selector: an index into ``prompt_templates``, or ``"zs<i>"`` for the i-th of the LRE files'
+#: zero-shot templates (``prompt_templates_zs``), or ``"zs"`` for all of those.
+TemplateSpec = int | str
+
+
+def parse_template_specs(tokens: Sequence[str]) -> list[TemplateSpec]:
+    """Command-line words -> template selectors: ``"0"`` -> 0, ``"zs0"`` and ``"zs"`` kept as they are."""
+    out: list[TemplateSpec] = []
+    for tok in tokens:
+        tok = str(tok).strip()
+        if tok.lstrip("-").isdigit():
+            out.append(int(tok))
+        elif tok == "zs" or (tok.startswith("zs") and tok[2:].isdigit()):
+            out.append(tok)
+        else:
+            raise KcircuitsError(f"template {tok!r} not understood: give indices (0 1 ...), zs0 zs1 ... for the "
+                                 "zero-shot templates of an LRE file, or zs for all of them")
+    return out
+
+
+def select_templates(ds: RelationDataset, templates: Sequence[TemplateSpec] | None) -> list[tuple[int | str, str]]:
+    """(key, template) of the selected templates; default: every one of ``prompt_templates``.
+
+    The key is the template's index (an int) or ``"zs<i>"``; it seeds the choice of corrupt partner,
+    so selecting fewer templates does not change the partners chosen for the others.
+    """
+    n, n_zs = len(ds.prompt_templates), len(ds.zs_templates)
     if templates is None:
-        return list(range(n))
+        return list(enumerate(ds.prompt_templates))
     if isinstance(templates, (str, bytes)) or not isinstance(templates, Sequence):
         raise KcircuitsError(
-            f"templates must be a list of template indices (0..{n - 1}), got {type(templates).__name__}"
+            f"templates must be a list of template indices (0..{n - 1}) or zs<i>, got {type(templates).__name__}"
         )
     if len(templates) == 0:
         raise KcircuitsError(f"templates is empty; give indices in 0..{n - 1} or leave it as None for all")
-    out: list[int] = []
+    out: list[tuple[int | str, str]] = []
     for t in templates:
-        if isinstance(t, bool) or not isinstance(t, int):
+        if isinstance(t, str):
+            if not n_zs:
+                raise KcircuitsError(f"template {t!r}: relation {ds.name} has no zero-shot templates "
+                                     f"(prompt_templates_zs); give indices in 0..{n - 1}")
+            if t == "zs":
+                picked = [(f"zs{i}", tpl) for i, tpl in enumerate(ds.zs_templates)]
+            else:
+                i = int(t[2:]) if t.startswith("zs") and t[2:].isdigit() else -1
+                if not 0 <= i < n_zs:
+                    raise KcircuitsError(f"template {t!r} is out of range: relation {ds.name} has {n_zs} zero-shot "
+                                         f"templates (zs0..zs{n_zs - 1})")
+                picked = [(t, ds.zs_templates[i])]
+        elif isinstance(t, bool) or not isinstance(t, int):
             raise KcircuitsError(f"template index {t!r} is not an integer; give indices in 0..{n - 1}")
-        if not 0 <= t < n:
+        elif not 0 <= t < n:
             raise KcircuitsError(
                 f"template index {t} is out of range: relation {ds.name} has {n} templates (0..{n - 1})"
             )
-        if t in out:
-            raise KcircuitsError(f"template index {t} is given twice; list each index once")
-        out.append(t)
+        else:
+            picked = [(t, ds.prompt_templates[t])]
+        for key, tpl in picked:
+            if any(key == k for k, _ in out):
+                raise KcircuitsError(f"template index {key} is given twice; list each template once")
+            out.append((key, tpl))
     return out
+
+
+def cap_pairs(pairs: list[PromptPair], max_pairs: int | None, seed: int) -> list[PromptPair]:
+    """A seeded subset of at most ``max_pairs`` pairs, spread over subjects and templates, in input order.
+
+    The one way pairs are capped, before or after any filtering (the known-facts filter), so a
+    capped set is always drawn the same way from whatever it is drawn from.
+    """
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return list(pairs)
+    keys = [(p.template, p.subject, i) for i, p in enumerate(pairs)]
+    keep = _cap_with_spread(keys, max_pairs, seed)
+    return [p for k, p in zip(keys, pairs) if k in keep]
 
 
 def _cap_with_spread(
@@ -210,9 +268,10 @@ def build_prompts(
     ds: RelationDataset,
     tokenizer: Any,
     *,
-    templates: list[int] | None = None,
+    templates: Sequence[TemplateSpec] | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
+    answer_scoring: str = "first_token",
 ) -> PromptSet:
     """Build clean/corrupt prompt pairs for every (sample, template) candidate.
 
@@ -221,7 +280,9 @@ def build_prompts(
     corrupt prompt has exactly as many tokens as the clean one. Among valid partners the choice
     is deterministic: partners are shuffled with a ``random.Random`` seeded from ``seed`` and the
     candidate's own (template, sample) position, so selecting fewer templates does not change the
-    partner chosen for the others. Candidates with no valid partner are skipped and counted by
+    partner chosen for the others. With ``answer_scoring="full"`` (the whole answer is scored, e.g.
+    years that the tokenizer splits into digits) the answers must differ as token sequences, not in
+    their first token. Candidates with no valid partner are skipped and counted by
     reason in ``skipped``. ``max_pairs`` keeps a seeded, subject- and template-spread subset.
     Pairs are returned in (template, sample) order. An empty result is returned as is; call
     :meth:`PromptSet.require_nonempty` to turn it into an error.
@@ -236,21 +297,22 @@ def build_prompts(
         raise KcircuitsError(f"max_pairs must be a positive integer or None, got {max_pairs!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise KcircuitsError(f"seed must be an integer, got {seed!r}")
-    t_indices = _select_templates(ds, templates)
+    if answer_scoring not in ("first_token", "full"):
+        raise KcircuitsError(f"unknown answer scoring {answer_scoring!r}: use first_token or full")
+    selected = select_templates(ds, templates)
     samples = ds.samples
     n = len(samples)
 
     skipped: dict[str, int] = {}
     skipped_examples: list[dict] = []
-    built: dict[tuple[int, int], PromptPair] = {}
+    built: dict[tuple[int | str, int], PromptPair] = {}
 
     def skip(reason: str, i: int, tpl: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
         if len(skipped_examples) < _MAX_SKIPPED_EXAMPLES:
             skipped_examples.append({"subject": samples[i]["subject"], "template": tpl, "reason": reason})
 
-    for t in t_indices:
-        tpl = ds.prompt_templates[t]
+    for t, tpl in selected:
         texts = [_fill(tpl, s["subject"]) for s in samples]
         ids = [_encode(tokenizer, text) for text in texts]
         # Answer tokens after *this* prompt; computed lazily since only same-length partners need them.
@@ -282,7 +344,8 @@ def build_prompts(
                 if samples[j]["object"].casefold() == obj.casefold():
                     continue
                 cand_answer = answer(j)
-                if not cand_answer or cand_answer[0] == clean_answer[0]:
+                if not cand_answer or (cand_answer == clean_answer if answer_scoring == "full"
+                                       else cand_answer[0] == clean_answer[0]):
                     continue
                 chosen = j
                 break
@@ -303,14 +366,10 @@ def build_prompts(
                 corrupt_answer_ids=list(answer(chosen)),
             )
 
-    keys = list(built)  # (template, sample) order
-    if max_pairs is not None and len(keys) > max_pairs:
-        keep = _cap_with_spread(keys, max_pairs, seed)
-        keys = [k for k in keys if k in keep]
     return PromptSet(
         relation=ds.name,
-        pairs=[built[k] for k in keys],
+        pairs=cap_pairs(list(built.values()), max_pairs, seed),  # (template, sample) order
         skipped=skipped,
         skipped_examples=skipped_examples,
-        n_candidates=n * len(t_indices),
+        n_candidates=n * len(selected),
     )

@@ -40,12 +40,15 @@ def lens(report: Mapping[str, Any]) -> str:
         return ""
     series_rank = {name: trace[name]["median_rank"] for name in ("clean", "circuit") if name in trace}
     series_hit = {name: trace[name]["hit10"] for name in ("clean", "circuit") if name in trace}
+    if "chance" in trace:  # the fully ablated run: what hit@10 is without the circuit
+        series_hit["chance (fully ablated)"] = trace["chance"]["hit10"]
     x = trace.get("layers") or list(range(len(next(iter(series_rank.values())))))
     body = _figure(line_svg({"title": "answer rank by layer", "x": x, "series": series_rank, "x_label":
                              "residual stream after layer (0 = embeddings)", "y_label": "median answer rank",
                              "log_y": True}),
                    "Logit lens of the residual stream: the answer's median rank after each layer, for the full "
-                   "model (clean) and for the circuit alone (edges outside it patched).")
+                   "model (clean) and for the circuit alone (edges outside it patched)"
+                   + (f", over {trace['n_prompts']} prompts." if trace.get("n_prompts") else "."))
     body += _figure(line_svg({"title": "hit@10 by layer", "x": x, "series": series_hit, "x_label":
                               "residual stream after layer", "y_label": "share of prompts with the answer in the top 10"}))
     settled = {name: trace[name].get("share_settled") for name in ("clean", "circuit") if name in trace}

@@ -21,6 +21,7 @@ from typing import Any
 
 from kcircuits.io import atomic_write_text
 from kcircuits.report import explain_sections
+from kcircuits.report.charts import line_svg
 from kcircuits.report.svg import as_float, circuit_svg, curve_svg
 from kcircuits.report.viewer import viewer_section
 
@@ -156,7 +157,19 @@ def _curve(report: Mapping[str, Any]) -> str:
     cap = (f"<b>CPR</b> = {_num_text(c.get('cpr'))} (area under the faithfulness curve; higher is better) &middot; "
            f"<b>CMD</b> = {_num_text(c.get('cmd'))} (area between the curve and 1; lower is better). "
            "Faithfulness 1.0 means the circuit recovers the full model's metric.")
-    return _section("curve", "Faithfulness curve", f"<figure>{curve_svg(c)}<figcaption>{cap}</figcaption></figure>")
+    body = f"<figure>{curve_svg(c)}<figcaption>{cap}</figcaption></figure>"
+    pct = [as_float(x) for x in c.get("x_percent") or []]
+    if c.get("circuit_hit10") and all(x is not None and x > 0 for x in pct):
+        series = {"circuit": c["circuit_hit10"]}
+        if c.get("random_circuit_hit10"):
+            series["random circuit, same size"] = c["random_circuit_hit10"]
+        series["chance (fully ablated run)"] = c.get("chance_hit10")
+        chart = line_svg({"title": "Hit@10 by circuit size", "x": [math.log10(x) for x in pct], "series": series,
+                          "x_label": "circuit size, log10(% of edges)", "y_label": "share of prompts, answer in top 10"})
+        body += (f"<figure>{chart}<figcaption>Hit@10 of the circuit alone at each size, next to a random circuit of "
+                 "exactly the same pruned size and the chance level: the fully ablated run on the same prompts. A "
+                 "relation with few possible answers has a high chance level.</figcaption></figure>")
+    return _section("curve", "Faithfulness curve", body)
 
 
 def _list_section(key: str, anchor: str, title: str, intro: str = "") -> Callable[[Mapping[str, Any]], str]:
@@ -193,12 +206,17 @@ def _influence(report: Mapping[str, Any]) -> str:
     return render_influence(report)
 
 
+HITS_INTRO = ("Hit@k of the full model, the circuit alone, random circuits of exactly the circuit's pruned size "
+              "(mean of the draws) and chance: the fully ablated run (every edge patched) on the same prompts. Ties "
+              "count against the answer. Faithfulness is the ratio of means; the per-prompt mean leaves out the "
+              "unstable prompts counted in the last column (full-vs-ablated gap below 0.1 x its median).")
+
 _SECTIONS: list[tuple[str, str, Callable[[Mapping[str, Any]], str]]] = [
     ("summary", "Summary", _summary),
     ("circuit", "Circuit", _circuit),
     ("viewer", "Circuit viewer", _viewer),
     ("curve", "Faithfulness curve", _curve),
-    ("hits", "Hits", _list_section("hits_table", "hits", "Hits@k: full model vs circuit")),
+    ("hits", "Hits", _list_section("hits_table", "hits", "Hits@k: full model vs circuit", HITS_INTRO)),
     ("top-edges", "Top edges", _list_section("top_edges", "top-edges", "Top edges")),
     ("skipped", "Skipped samples", _skipped),
     ("influence", "Influence", _influence),

@@ -11,14 +11,15 @@ from kcircuits.ablation import mean_activations
 from kcircuits.api import (
     PARTIAL_SCORES,
     _attribute_resumable,
-    _batches,
+    model_batches,
     _environment,
     _model,
     check_settings,
 )
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.evaluate import Evaluator, select
+from kcircuits.evaluate import Evaluator
+from kcircuits.selection import select
 from kcircuits.graph import Circuit, Graph
 from kcircuits.models import LoadedModel
 from kcircuits.report import write_report
@@ -63,7 +64,7 @@ def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pai
     if run.has(file):
         scores = run.read_tensors(file)["scores"]
     else:
-        batches = _batches(lm, pairs, batch_size, "first_token")
+        batches = model_batches(lm, pairs, batch_size, "first_token")
         mean = mean_activations(engine, batches) if ablation == "mean" else None
         scores = _attribute_resumable(run, engine, batches, method=method, metric=metric, steps=steps,
                                       ablation=ablation, mean=mean, progress=progress).cpu()
@@ -79,7 +80,7 @@ def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pai
 def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], *, metric: str,
                     ablation: str, batch_size: int, progress: bool) -> dict[str, float]:
     """Faithfulness (ratio of means) of each circuit on ``pairs``; one evaluator shared by all circuits."""
-    batches = _batches(lm, pairs, batch_size, "first_token")
+    batches = model_batches(lm, pairs, batch_size, "first_token")
     mean = mean_activations(engine, batches) if ablation == "mean" else None
     ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
     return {name: ev.evaluate(c)["faithfulness_of_means"] for name, c in circuits.items()}
