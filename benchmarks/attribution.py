@@ -126,7 +126,7 @@ def main() -> None:
             model = load_model("smollm2-135m", device=args.device)
         elif name == "gpt2-small":
             torch.manual_seed(0)
-            hf = AutoModelForCausalLM.from_config(GPT2Config(), attn_implementation="sdpa").to(args.device)
+            hf = AutoModelForCausalLM.from_config(GPT2Config(), attn_implementation="sdpa").to(args.device).eval()
             model = from_hf(hf, name="gpt2-small-random")
         else:
             model = load_model(name, device=args.device)

@@ -85,3 +85,30 @@ def test_bfloat16_runs_close_to_float32():
 
     res = Evaluator(eng, [random_batch(2)], progress=False).evaluate(select(eng.graph, scores, 40))
     assert math.isfinite(res["faithfulness_of_means"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_hidden_is_what_the_down_projection_receives(family):
+    """``MLP.hidden(x)`` (the key ROME edits) equals the input of HF's down_proj / c_proj /
+    dense_4h_to_h, found through the layout's W_out block; ``out_from_hidden`` gives the MLP output."""
+    model = tiny_model(family)
+    hf, lay = model.hf_model, model.layout
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    for layer, blk in enumerate(model.weights.blocks):
+        (w_out,) = lay.role_blocks([f"m{layer}"], "W_out")
+        down = hf.get_submodule(w_out.param_name.rsplit(".", 1)[0])
+        mlp_module = hf.get_submodule(w_out.param_name.rsplit(".", 2)[0])
+        seen = {}
+        hooks = [down.register_forward_pre_hook(lambda m, args: seen.__setitem__("key", args[0])),
+                 mlp_module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))]
+        try:
+            with torch.no_grad():
+                hf(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            key = blk.mlp.hidden(seen["x"])
+            assert key.shape == seen["key"].shape and key.shape[-1] == blk.mlp.W_out.shape[1]
+            torch.testing.assert_close(key, seen["key"], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(blk.mlp.out_from_hidden(key), seen["out"], atol=1e-6, rtol=1e-5)

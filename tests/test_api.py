@@ -10,6 +10,7 @@ from tests.model_helpers import crash_on_call
 
 from kcircuits import api
 from kcircuits.cli import main
+from kcircuits.pipeline import PARTIAL_SCORES
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator
 from kcircuits.models import load_model
@@ -43,7 +44,7 @@ def test_discover_writes_complete_run_folder(tiny, tmp_path):
     assert t["random_baseline"]["n_draws"] == 1
     assert {"full_hit1", "full_hit10", "circuit_hit1", "circuit_hit10"} <= set(t)
     cfg = json.loads((res.folder / "config.json").read_text())
-    assert cfg["reproduce"]["ablation"] == "corrupt"
+    assert cfg["reproduce"]["scoring"]["ablation"] == "corrupt" and len(cfg["reproduce"]["weights"]) == 16
     html = (res.folder / "report.html").read_text()
     assert "<svg" in html and "country_capital" in html and "http://www.w3.org/2000/svg" in html
     # the explanation: logit lens on the test prompts (clean and circuit-only), head roles, composition
@@ -76,7 +77,7 @@ def test_rerun_reuses_finished_steps_and_resumes_after_crash(tiny, tmp_path, mon
     scores_mtime = os.stat(out / "scores.safetensors").st_mtime_ns
     monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
     attributed = []
-    monkeypatch.setattr(api, "attribute", lambda *a, **k: attributed.append(1))
+    monkeypatch.setattr(api, "attribute_resumable", lambda *a, **k: attributed.append(1))
     res = api.discover("country_capital", tiny, out=out, **SMALL)
     assert not attributed  # the scores were reused, not recomputed
     assert os.stat(out / "scores.safetensors").st_mtime_ns == scores_mtime
@@ -93,7 +94,7 @@ def test_other_config_in_same_folder_is_refused(tiny, tmp_path):
 def test_other_ablations_are_recorded(tiny, tmp_path, ablation):
     res = api.discover("antonym", tiny, out=tmp_path / ablation, ablation=ablation, method="eap", curve=False,
                        **{**SMALL, "n_random": 0})
-    assert json.loads((res.folder / "config.json").read_text())["reproduce"]["ablation"] == ablation
+    assert json.loads((res.folder / "config.json").read_text())["reproduce"]["scoring"]["ablation"] == ablation
     assert math.isfinite(res.metrics["sets"]["discover"]["faithfulness_of_means"])
 
 
@@ -206,7 +207,7 @@ def test_attribution_resumes_after_a_crash_mid_run(tiny, tmp_path, monkeypatch):
     calls = crash_on_call(monkeypatch, eap, "destination_grads", at=5)  # third batch, first step (2 per batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api.discover("country_capital", tiny, out=tmp_path / "r", **opts)
-    partial = tmp_path / "r" / api.PARTIAL_SCORES
+    partial = tmp_path / "r" / PARTIAL_SCORES
     assert partial.exists() and not (tmp_path / "r" / "scores.safetensors").exists()
     calls.update(n=0, crash=False)
     resumed = api.discover("country_capital", tiny, out=tmp_path / "r", **opts).scores
@@ -232,3 +233,62 @@ def test_bad_relation_writes_nothing(tmp_path, tiny):
     with pytest.raises(KcircuitsError):
         api.discover("no_such_relation", tiny, out=tmp_path / "x", **SMALL)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_edited_model_gets_its_own_run_folder_and_the_original_reuses_its_own(tiny, tmp_path, monkeypatch):
+    """Run folders are keyed by the weights' fingerprint: an edit (applied and restored through
+    ``edited``) recomputes in a new folder; the restored model reuses the original folder."""
+    from kcircuits.models import edited
+
+    monkeypatch.chdir(tmp_path)  # default run folders go to ./runs
+    opts = dict(curve=False, **{**SMALL, "n_random": 0, "explain_prompts": 0})
+    original = api.discover("country_capital", tiny, **opts)
+    name, param = next((n, p) for n, p in tiny.hf_model.named_parameters() if "mlp" in n)
+    attributed = []
+    real = api.attribute_resumable
+    monkeypatch.setattr(api, "attribute_resumable", lambda *a, **k: attributed.append(1) or real(*a, **k))
+    with edited(tiny, {name: torch.full_like(param, 0.05)}):
+        changed = api.discover("country_capital", tiny, **opts)
+    assert changed.folder != original.folder and attributed == [1]  # recomputed, elsewhere
+    assert not torch.equal(changed.scores, original.scores)
+    again = api.discover("country_capital", tiny, **opts)
+    assert again.folder == original.folder and attributed == [1]  # the original's scores reused
+    cfgs = [json.loads((f / "config.json").read_text())["reproduce"]["weights"] for f in (original.folder, changed.folder)]
+    assert cfgs[0] != cfgs[1]
+
+
+def test_unreadable_config_is_refused_not_overwritten(tiny, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(KcircuitsError, match="cannot be read"):
+        api.discover("country_capital", tiny, out=run, curve=False, **{**SMALL, "n_random": 0})
+    assert (run / "config.json").read_text() == "{not json"
+
+
+def test_a_read_only_out_folder_is_a_one_line_error(tiny, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: make writing fail another way
+            (ro / "x").write_text("file")
+            target = ro / "x" / "run"
+        else:
+            target = ro / "run"
+        code = main(["discover", "country_capital", "--model", str(tiny.name), "--out", str(target), "--percent", "30",
+                     "--max-pairs", "4", "--no-curve", "--random-draws", "0", "--explain-prompts", "0", "--quiet"])
+    finally:
+        ro.chmod(0o700)
+    assert code == 2 and "cannot write the run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [(["--percent", "0"], "--percent must be in"),
+                                            (["--percent", "150"], "--percent must be in"),
+                                            (["--edges", "-3"], "--edges must be >= 1"),
+                                            (["--known-k", "0"], "--known-k must be >= 1"),
+                                            (["--edges", "10", "--percent", "2"], "give one circuit size")])
+def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys, args, message):
+    code = main(["discover", "country_capital", "--model", "no-such-model-is-loaded", "--out", str(tmp_path / "r")]
+                + args)
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kcircuits import api
+from kcircuits import api, pipeline
 from kcircuits.batching import make_batch
 from kcircuits.cli import main
 from kcircuits.data import build_prompts, cap_pairs, load_dataset, split_samples
@@ -173,13 +173,13 @@ def test_prompts_with_a_near_zero_gap_are_flagged_and_left_out():
 def test_known_only_on_discover_tests_on_every_held_out_fact(tiny, monkeypatch):
     eng = Engine(tiny.weights)
     seen = []
-    real = api.known_filter
+    real = pipeline.known_filter
 
     def spy(engine, pairs, *a, **kw):
         seen.append(len(pairs))
         return real(engine, pairs, *a, **kw)
 
-    monkeypatch.setattr(api, "known_filter", spy)
+    monkeypatch.setattr(pipeline, "known_filter", spy)
     both = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=True, known_k=KNOWN_K, max_pairs=None,
                                seed=0, batch_size=8)
     assert len(seen) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
                                            "answer_rank": 1, "answer_prob": 0.42},
                                   "attention": {"weights": [0.05, 0.1, 0.05, 0.7, 0.1]},
                                   "role": {"role": "mover", "subject_mass": 0.7, "relation_mass": 0.2,
-                                           "other_mass": 0.1, "direct_effect": 1.25}},
+                                           "other_mass": -1e-4, "direct_effect": 1.25}},
                          "logits": {"lens": {"top": [[" Paris", 0.6]], "answer_rank": 1, "answer_prob": 0.6}}}}
     page = tmp_path / "report.html"
     _report(graph, circuit, scores, details, page)
@@ -161,6 +162,7 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
     assert "Paris" in text and "mover" in text and "' France'" in text
     assert "</script><b>" in text  # shown as text, not markup
     assert "1.250" in text  # direct effect
+    assert re.search(r"other mass\s+0\.000(?!\d)", text) and "-0.000" not in text  # no negative zero
     assert not driver.find_elements(By.CSS_SELECTOR, "#kcv-panel b")
 
     # moving the number box re-selects: top n by |score| + prune, exactly as Python does

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kcircuits.engine import Engine
 from kcircuits.graph import Graph
+from kcircuits.patching import Patcher
 from tests.model_helpers import tiny_model
 from tests.helpers import random_batch
 
@@ -163,7 +164,7 @@ def test_sparse_product_silences_only_the_csr_beta_warning(monkeypatch):
     warning raised inside the same block still reaches the caller."""
     import warnings
 
-    from kcircuits import engine as engine_module
+    from kcircuits import patching
 
     real = torch.Tensor.to_sparse_csr
 
@@ -179,11 +180,11 @@ def test_sparse_product_silences_only_the_csr_beta_warning(monkeypatch):
     weights = (torch.rand(5, 3, generator=gen) < 0.4).float()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = engine_module._sparse_weighted_sum(delta, weights)
+        out = patching.sparse_weighted_sum(delta, weights)
     messages = [str(w.message) for w in caught]
     assert "something else went wrong" in messages and "a runtime problem" in messages
     assert not any("beta" in m for m in messages)
-    assert torch.allclose(out, engine_module._weighted_sum(delta, weights), atol=1e-6)
+    assert torch.allclose(out, patching.weighted_sum(delta, weights), atol=1e-6)
 
 
 def test_sparse_product_real_beta_warning_is_silenced():
@@ -192,10 +193,49 @@ def test_sparse_product_real_beta_warning_is_silenced():
     import sys
 
     code = ("import warnings, torch\n"
-            "from kcircuits.engine import _sparse_weighted_sum\n"
+            "from kcircuits.patching import sparse_weighted_sum\n"
             "warnings.simplefilter('error')\n"
             "w = (torch.rand(6, 4) < 0.5).float()\n"
-            "_sparse_weighted_sum(torch.randn(6, 2, 3, 8), w)\n"
+            "sparse_weighted_sum(torch.randn(6, 2, 3, 8), w)\n"
             "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
+
+
+def test_emit_needed_equals_emit_all():
+    """Handing a sparse patcher only the needed outputs plus their sum gives the same inputs as handing it all."""
+    gen = torch.Generator().manual_seed(2)
+    n_src, n_dst, shape = 6, 4, (2, 3, 5)
+    mask = torch.zeros(n_src, n_dst)
+    mask[1, 2] = mask[4, 3] = 1  # sources 1 and 4 keep an edge: sparse mode
+    out = torch.randn(n_src, *shape, generator=gen)
+    ablated = torch.randn(n_src, *shape, generator=gen)
+    full, part = (Patcher(mask, ablated, out[0], n_src, differentiable=False) for _ in range(2))
+    assert full.sparse and part.sparse
+    full.emit_all(0, out[:3])
+    full.emit_all(3, out[3:])
+    for start in (0, 3):
+        needed = part.needed(start, 3)
+        part.emit_needed(start, out[start + needed], n=3, total=out[start : start + 3].sum(0))
+    x = torch.randn(shape, generator=gen)
+    a, b = full.inputs(x, n_src, slice(0, n_dst)), part.inputs(x, n_src, slice(0, n_dst))
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[2], b[2], atol=1e-6)
+
+
+def test_emit_needed_refuses_other_modes():
+    mask = torch.ones(3, 2)  # every edge kept: dense mode
+    patcher = Patcher(mask, None, torch.zeros(1, 2, 4), 3, differentiable=False)
+    assert patcher.mode == "dense"
+    with pytest.raises(ValueError, match="sparse mode"):
+        patcher.emit_needed(0, torch.zeros(1, 1, 2, 4), n=3, total=torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dest_groups_cover_the_attention_block(grouped):
+    """q, k, v groups start at their columns and together hold one row block per attention destination."""
+    _, eng, *_ = setup("llama", grouped, n=1)
+    g, a = eng.graph, eng.w.blocks[0].attn
+    groups = eng.dest_groups(a)
+    assert [grp.first for grp in groups] == [0, a.n_heads, a.n_heads + g.n_kv_dst]
+    assert sum(grp.weight.shape[0] for grp in groups) == g.n_attn_dst
+    assert all(grp.weight.shape[1:] == (a.head_dim, eng.w.d_model) for grp in groups)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import crash_on_call, tiny_hf
+from tests.model_helpers import crash_on_call, tiny_hf
 
 from kcircuits.errors import KcircuitsError
 from kcircuits.influence import api

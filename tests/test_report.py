@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import random
 import re
+import subprocess
+import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from kcircuits.report import render_report, write_report
-from kcircuits.report.svg import SVG_NS, circuit_svg, curve_svg
+from kcircuits.report.charts import curve_svg
+from kcircuits.report.svg import SVG_NS, circuit_svg
 
 N_LAYERS, N_HEADS = 4, 3
 TITLE = "kcircuits: <script>alert('x')</script> & co"
@@ -207,3 +212,263 @@ def test_fmt_helpers() -> None:
     assert as_float(float("nan")) is None and as_float("x") is None and as_float(True) is None
     assert fmt_value(float("nan")) == "NaN" and fmt_value(None) == "\u2014" and fmt_value(0.123456) == "0.1235"
     assert math.isclose(as_float("0.5") or 0, 0.5)
+
+
+# --------------------------------------------------------------------------- module layout
+REPORT_DIR = Path(__file__).resolve().parents[1] / "src" / "kcircuits" / "report"
+
+
+def _report_modules() -> list[str]:
+    """Every module of the package, the package itself first: new modules are covered automatically."""
+    return ["kcircuits.report"] + sorted(f"kcircuits.report.{p.stem}" for p in REPORT_DIR.glob("*.py")
+                                         if p.stem != "__init__")
+
+
+def _report_imports(path: Path) -> set[str]:
+    """The report modules ``path`` imports, at any depth (a lazy import inside a function counts:
+    it is how a cycle hides). Package-level names (``from kcircuits.report import x``) resolve to
+    the submodule ``x`` when there is one, else to ``kcircuits.report`` itself."""
+    submodules = {p.stem for p in REPORT_DIR.glob("*.py")}
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("kcircuits.report")}
+        elif isinstance(node, ast.ImportFrom):
+            base = "kcircuits.report" if node.level == 1 else node.module or ""
+            if node.level == 1 and node.module:
+                base = f"kcircuits.report.{node.module}"
+            if base == "kcircuits.report":
+                out |= {f"kcircuits.report.{a.name}" if a.name in submodules else base for a in node.names}
+            elif base.startswith("kcircuits.report."):
+                out.add(base)
+    return out
+
+
+def test_report_modules_form_a_one_way_stack() -> None:
+    """Only the package's __init__ imports html, and the import graph of the report modules has no
+    cycle (with none, no import order can meet a half-initialised module)."""
+    graph = {("kcircuits.report" if p.stem == "__init__" else f"kcircuits.report.{p.stem}"): _report_imports(p)
+             for p in REPORT_DIR.glob("*.py")}
+    assert {m for m, deps in graph.items() if "kcircuits.report.html" in deps} == {"kcircuits.report"}
+    assert graph["kcircuits.report.base"] == set()  # the shared helpers build on nothing else in the package
+    for section_module in ("core_sections", "explain_sections", "influence_section"):
+        assert graph[f"kcircuits.report.{section_module}"] <= {
+            f"kcircuits.report.{m}" for m in ("base", "svg", "charts", "viewer")}
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for d in graph.get(m, ()):
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(path + [m, d])}"
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_report_modules_import_in_any_order() -> None:
+    """In a fresh interpreter, every report module can be the first one imported, followed by the
+    others forwards or backwards. An import cycle only fails for some choices of which module of it
+    comes first, so these orders cover every order that can differ. Heavy third-party modules load
+    once; the report modules are dropped from sys.modules and run again for every order."""
+    mods = _report_modules()
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        import kcircuits, torch  # shared dependencies, loaded once
+        mods = {mods!r}
+        for first in mods:
+            rest = [m for m in mods if m != first]
+            for order in ([first] + rest, [first] + rest[::-1]):
+                for m in [m for m in sys.modules if m == "kcircuits.report" or m.startswith("kcircuits.report.")]:
+                    del sys.modules[m]
+                for m in order:
+                    importlib.import_module(m)
+                assert "<h1>t</h1>" in sys.modules["kcircuits.report"].render_report({{"title": "t"}}), order
+        print("ok", len(mods))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["ok", str(len(mods))]
+
+
+# --------------------------------------------------------------------------- the page's sections
+ANCHORS_IN_PAGE_ORDER = ["summary", "findings", "circuit", "viewer", "curve", "hits", "top-edges", "skipped", "lens",
+                         "roles", "composition", "matrices", "charts", "tables", "influence", "config"]
+
+
+def every_section_report() -> dict:
+    """``full_report`` plus the data of every other section (analyses, viewer, influence)."""
+    import torch
+
+    from kcircuits.graph import Graph, prune, select_topn
+    from kcircuits.report.viewer import viewer_payload
+
+    graph = Graph(2, 4, 4, True, False)
+    scores = torch.randn(graph.n_src, graph.n_dst, generator=torch.Generator().manual_seed(0)) * graph.edge_exists()
+    report = full_report()
+    report["curve"].update(circuit_hit10=[0.1, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95],
+                           random_circuit_hit10=[0.0, 0.05, 0.05, 0.1, 0.1, 0.2, 0.3, 0.4, 0.7, 0.95],
+                           chance_hit10=[0.04] * 10)
+    trace = {"median_rank": [900, 120, 30, 5, 1], "hit10": [0.0, 0.1, 0.2, 0.6, 1.0], "share_settled": 0.8}
+    report.update({
+        "narrative": ["The circuit recovers most of the model."],
+        "viewer": viewer_payload(graph, prune(select_topn(graph, scores, 20)), scores),
+        "lens": {"layers": [0, 1, 2, 3, 4], "n_prompts": 3, "clean": trace, "circuit": trace,
+                 "chance": {"hit10": [0.0, 0.0, 0.0, 0.02, 0.02]}},
+        "roles": {"n_heads": 8, "counts": {"mover": 1}, "thresholds": {"subject_mass": 0.3},
+                  "rows": [{"head": "a1.h2", "role": "mover", "in_circuit": True, "subject_mass": 0.7}]},
+        "composition": {"nodes_by_type": {"head": {"count": 3, "share": 0.75}},
+                        "edges_by_destination_kind": {"q": {"count": 4, "share": 0.5}},
+                        "nodes_by_band": {"early": {"attention": {"count": 1}, "mlp": {"count": 1}}}},
+        "matrices": [{"title": "overlap", "rows": ["a", "b"], "cols": ["a", "b"], "values": [[1.0, 0.2], [0.2, 1.0]]}],
+        "charts": [{"title": "accuracy", "x": [1, 2, 4], "series": {"acc": [0.2, 0.5, 0.7]}, "caption": "acc by k"}],
+        "tables": [{"title": "by k", "rows": [{"k": 1, "edges": 10}]}],
+        "influence": {"strategy": "ekfac", "n_train": 1, "n_scored": 1, "n_queries": 1, "top_k": 1,
+                      "queries": [{"id": "q", "prompt": "A", "completion": " B", "top": [
+                          {"rank": 1, "score": 0.5, "id": "d", "text": "x"}]}]},
+    })
+    return report
+
+
+def test_sections_appear_in_page_order() -> None:
+    """With every section present, the sections and the navigation links follow the one ordered
+    registry, which keeps the page order the report has always had."""
+    from kcircuits.report.html import PAGE
+
+    page = render_report(every_section_report())
+    assert re.findall(r'<section id="([^"]+)"', page) == ANCHORS_IN_PAGE_ORDER
+    nav = re.search(r"<nav>(.*?)</nav>", page, flags=re.DOTALL)[1]
+    assert re.findall(r'href="#([^"]+)"', nav) == ANCHORS_IN_PAGE_ORDER
+    assert [s.anchor for s in PAGE] == ANCHORS_IN_PAGE_ORDER
+    assert "Hits@k: full model vs circuit</h2>" in page and '<a href="#hits">Hits</a>' in page  # title vs label
+
+
+def test_page_lists_every_defined_section_once() -> None:
+    """A section a module defines but the page registry leaves out would never be shown."""
+    from kcircuits.report import core_sections, explain_sections, influence_section
+    from kcircuits.report.html import PAGE
+
+    defined = [*core_sections.SECTIONS, *explain_sections.SECTIONS, *influence_section.SECTIONS]
+    assert sorted(s.anchor for s in PAGE) == sorted(s.anchor for s in defined)
+    assert len({s.anchor for s in PAGE}) == len(PAGE) and all(s in PAGE for s in defined)
+
+
+# --------------------------------------------------------------------------- the one line chart
+def _texts(svg: str) -> list[str]:
+    return [t.text or "" for t in ET.fromstring(svg).iter(f"{{{SVG_NS}}}text")]
+
+
+def _marker_x(svg: str, colour: str) -> list[float]:
+    return [float(c.get("cx")) for c in ET.fromstring(svg).iter(f"{{{SVG_NS}}}circle") if c.get("fill") == colour]
+
+
+def test_curve_is_a_log_percent_line_chart() -> None:
+    """The faithfulness curve comes from line_svg: decade ticks in percent, markers log-spaced, the
+    std band, the random baseline dashed, the 1.0 reference line and a legend naming all of them."""
+    curve = full_report()["curve"]
+    svg = curve_svg(curve)
+    assert 'class="kc-line"' in svg
+    texts = _texts(svg)
+    assert [t for t in texts if t.endswith("%")] == ["0.1%", "1%", "10%", "100%"]
+    assert "edges kept (% of all edges, log scale)" in texts
+    for label in ("circuit (mean)", "\u00b1 std", "random edges", "full model (1.0)"):
+        assert label in texts
+    xs = dict(zip([0.1, 0.2, 1, 5, 10, 20, 50, 100], _marker_x(svg, "#2563eb")))  # the 8 finite means
+    assert xs[10] - xs[1] == pytest.approx(xs[100] - xs[10], abs=0.2)  # one decade, one distance
+    assert xs[1] - xs[0.1] == pytest.approx(xs[10] - xs[1], abs=0.2)
+    root = ET.fromstring(svg)
+    paths = list(root.iter(f"{{{SVG_NS}}}path"))
+    assert any(p.get("fill-opacity") and p.get("d", "").endswith("Z") for p in paths)  # the band
+    assert any(p.get("stroke-dasharray") == "2 2" for p in paths)  # random edges
+    assert any(ln.get("stroke-dasharray") == "5 4" and ln.get("y1") == ln.get("y2")
+               for ln in root.iter(f"{{{SVG_NS}}}line"))  # the horizontal 1.0 line
+    tips = [t.text for t in root.iter(f"{{{SVG_NS}}}title")]
+    assert "circuit (mean): x=5%, y=0.7 \u00b1 0.1" in tips
+
+
+def test_curve_without_band_or_baseline() -> None:
+    svg = curve_svg({"x_percent": [1, 10, 100], "faithfulness_mean": [0.2, 0.5, 1.0]})
+    texts = _texts(svg)
+    assert "circuit (mean)" in texts and "random edges" not in texts and "\u00b1 std" not in texts
+    root = ET.fromstring(svg)
+    assert not [p for p in root.iter(f"{{{SVG_NS}}}path") if p.get("fill-opacity")]  # no band area
+    assert not list(root.iter(f"{{{SVG_NS}}}rect"))  # and no band swatch in the legend
+
+
+def test_hit10_chart_on_log_percent_axis() -> None:
+    """The Hit@10-by-size chart shares the curve's log percent axis: percent tick labels, not log10
+    numbers, and log-spaced points."""
+    page = render_report(every_section_report())
+    curve_section = re.search(r'<section id="curve">.*?</section>', page, flags=re.DOTALL)[0]
+    hit_chart = _svgs(curve_section)[1]
+    texts = _texts(hit_chart)
+    assert [t for t in texts if t.endswith("%")] == ["0.1%", "1%", "10%", "100%"]
+    assert not any("log10" in t for t in texts) and "circuit size (% of edges, log scale)" in texts
+    xs = _marker_x(hit_chart, "#2563eb")
+    pct = full_report()["curve"]["x_percent"]
+    assert xs[pct.index(10)] - xs[pct.index(1)] == pytest.approx(xs[pct.index(100)] - xs[pct.index(10)], abs=0.2)
+
+
+def test_line_chart_log_y_ticks_gaps_and_legend() -> None:
+    from kcircuits.report.charts import line_svg
+
+    svg = line_svg({"title": "rank", "x": [0, 1, 2, 3], "log_y": True, "y_label": "rank",
+                    "series": {"a": [500, float("nan"), 20, 1], "empty": [None, None, None, None], "b": [0, 3, 2, 1]}})
+    texts = _texts(svg)
+    assert {"1", "10", "100", "1000"} <= set(texts) and "rank (log scale)" in texts
+    assert "a" in texts and "b" in texts and "empty" not in texts  # a series with nothing to draw has no legend entry
+    root = ET.fromstring(svg)
+    lines = [p for p in root.iter(f"{{{SVG_NS}}}path") if p.get("stroke") in ("#2563eb", "#059669")]
+    assert len([p for p in lines if p.get("stroke") == "#2563eb"]) == 2  # the NaN breaks series a in two
+    assert len(_marker_x(svg, "#059669")) == 3  # b's 0 cannot sit on a log axis: skipped, not drawn at the bottom
+    assert "nan" not in svg.lower()
+
+
+# --------------------------------------------------------------------------- numbers
+def test_no_negative_zero_anywhere() -> None:
+    """Values that are or round to zero print unsigned in tables, captions, matrices, charts and
+    circuit tooltips (a "-0.000" suggests a direction the data does not have)."""
+    report = every_section_report()
+    report["summary"]["delta"] = -0.0
+    report["curve"].update(cpr=-1e-4, cmd=-0.0)
+    report["hits_table"].append({"relation": "r2", "faithfulness_mean": -1e-9, "faithfulness_std": -0.0})
+    report["top_edges"].append({"edge": "m0->logits", "score": -0.0})
+    report["circuit"]["edges"][0]["score"] = -0.0
+    report["matrices"][0]["values"][0][1] = -1e-4
+    report["charts"].append({"title": "flat", "x": [0, 1, 2], "series": {"d": [-0.0, -1e-12, 0.0]}})
+    page = render_report(report)
+    visible = re.sub(r"<(script|style)\b.*?</\1>", "", page, flags=re.DOTALL)
+    negative_zero = re.compile(r"(?<![\w.])-0(?:\.0+)?(?![\d.])")
+    assert not negative_zero.findall(visible), negative_zero.findall(visible)
+    assert "<b>CPR</b> = 0.000" in page and "<b>CMD</b> = 0.000" in page
+    assert negative_zero.search("x -0.000 y") and negative_zero.search("(-0)")  # the check itself catches them
+    assert not negative_zero.search("-0.5 1e-05 -0.001")
+
+
+def test_table_columns_share_decimals() -> None:
+    """A float column is printed with one number of decimals, so its values line up; counts stay
+    whole, whole-valued floats get no decimals, tiny columns go scientific throughout."""
+    from kcircuits.report.base import records_table
+
+    rows = [{"n": 40, "f": 0.8, "big": 12.5, "whole": 3.0, "tiny": 1.5e-6},
+            {"n": 7, "f": 0.95, "big": 3.25, "whole": 10.0, "tiny": -2e-7},
+            {"n": 1, "f": 0.8123, "big": float("nan"), "whole": None, "tiny": 0.0}]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", records_table(rows))
+    by_col = [cells[i::5] for i in range(5)]
+    assert by_col[0] == ["40", "7", "1"]
+    assert by_col[1] == ["0.8000", "0.9500", "0.8123"]
+    assert by_col[2] == ["12.50", "3.25", "NaN"]
+    assert by_col[3] == ["3", "10", "\u2014"]
+    assert by_col[4] == ["1.500e-06", "-2.000e-07", "0.000e+00"]
+
+
+def test_fmt_number_drops_only_negative_zero() -> None:
+    from kcircuits.report.base import fmt_number
+
+    assert fmt_number(-0.0) == "0" and fmt_number(-1e-4, ".3f") == "0.000" and fmt_number(-0.0, ".2e") == "0.00e+00"
+    assert fmt_number(-0.5, ".3f") == "-0.500" and fmt_number(-1e-7, ".2e") == "-1.00e-07"
+    assert fmt_number(-0.0004, ".1%") == "0.0%" and fmt_number(-0.04, ".1%") == "-4.0%"

@@ -3,58 +3,70 @@
 ``discover`` = prompts -> attribution scores -> circuit -> evaluation -> run folder with report;
 ``evaluate`` = an existing circuit evaluated on any relations' prompts. Each step's result is
 written to the run folder as soon as it exists and reused by a rerun with the same config.
+
+Both take their options as settings objects (:mod:`kcircuits.settings`), or any of those objects'
+fields by name (``percent=1``, ``known_only=True``, ...): the one place an option is defined.
 """
 
 from __future__ import annotations
 
 import hashlib
-import platform
-import time
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from kcircuits import __version__
-from kcircuits.ablation import check_ablation, mean_activations
+from kcircuits.ablation import mean_activations
 from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
-from kcircuits.batching import ANSWER_SCORING, Batch, make_batches
-from kcircuits.data import build_prompts, cap_pairs, load_dataset, split_samples
-from kcircuits.data.prompts import SKIP_ANSWER_COLLISION, SKIP_NO_SAME_LENGTH, TemplateSpec
-from kcircuits.discover.eap import METHODS, attribute, integration_points
+from kcircuits.data import load_dataset
+from kcircuits.discover.registry import get_method
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.evaluate import CURVE_PERCENTS, Evaluator
+from kcircuits.evaluate import Evaluator
 from kcircuits.explain import Explanation, explain
 from kcircuits.graph import Circuit, Graph
-from kcircuits.metrics import METRICS, answer_rank
-from kcircuits.models import LoadedModel, load_model
+from kcircuits.io import read_json
+from kcircuits.models import LoadedModel
+from kcircuits.pipeline import (  # noqa: F401  (re-exported: the steps' public home is kcircuits.pipeline)
+    PromptSplit,
+    answer_ranks,
+    attribute_resumable,
+    known_filter,
+    model_batches,
+    model_name,
+    open_run,
+    prepare_prompts,
+)
 from kcircuits.report import write_report
 from kcircuits.report_data import build_report
-from kcircuits.runs import RunFolder, default_run_dir
+from kcircuits.runs import RunFolder
 from kcircuits.selection import select, select_by_threshold
-
-
-@dataclass
-class PromptSplit:
-    """The prompt pairs of one relation for one role (discovery or test), with what was skipped."""
-
-    relation: str
-    role: str  # "discover" | "test" | "all"
-    pairs: list
-    skipped: dict[str, int]
-    n_candidates: int
-
-    def to_json(self) -> dict:
-        return {"relation": self.relation, "role": self.role, "n_pairs": len(self.pairs), "skipped": self.skipped,
-                "n_candidates": self.n_candidates,
-                "pairs": [{"clean": p.clean_text, "corrupt": p.corrupt_text, "answer": p.object,
-                           "corrupt_answer": p.corrupt_object, "n_tokens": len(p.clean_ids)} for p in self.pairs]}
+from kcircuits.settings import (
+    AttributionSettings,
+    CircuitSize,
+    EvaluationSettings,
+    PromptSettings,
+    RunSettings,
+    ScoringSettings,
+    hashed_dict,
+    reject_unknown,
+    resolve,
+    settings_doc,
+)
 
 
 @dataclass
 class RunOutput:
+    """What a discover/evaluate run produced; everything is also in ``folder``.
+
+    ``circuit``: the circuit found or evaluated; ``metrics``: the contents of ``metrics.json``
+    (per prompt set: faithfulness, Hit@k of full model / circuit / random / chance, ...);
+    ``scores``: the attribution scores ``[n_src, n_dst]`` (discover only); ``prompts``: the
+    :class:`~kcircuits.pipeline.PromptSplit` of each prompt set.
+    """
+
     folder: Path
     circuit: Circuit
     metrics: dict
@@ -66,259 +78,116 @@ class RunOutput:
         return self.folder / "report.html"
 
 
-def _model(model: str | LoadedModel, device, dtype) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, mask: torch.Tensor | None = None,
-                 ablated: torch.Tensor | None = None,
-                 answer_scoring: str = "first_token") -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rank of each pair's answer (1 = top; ties count against it) and its own top token, ``[n]`` each.
-
-    The rank is the first answer token's, or with ``answer_scoring="full"`` the worst of the answer's
-    tokens under teacher forcing (see :func:`kcircuits.metrics.answer_rank`). With ``mask``
-    (``[n_src, n_dst]``, 0 = patched) the patched model's, its patched edges carrying ``ablated``
-    (batch-independent, e.g. dataset means ``[n_src, 1, 1, d]``, or None for zero).
-    """
-    ranks, top = [], []
-    device = engine.w.W_E.device
-    mask = None if mask is None else mask.to(device)
-    for batch in make_batches(pairs, pad_id, batch_size, answer_scoring):
-        batch = batch.to(device)
-        logits = engine.run(engine.embed(batch.clean), batch.target_pos, mask=mask, ablated=ablated).logits
-        ranks.append(answer_rank(logits, batch).cpu())
-        top.append(logits[:, 0].argmax(-1).cpu())
-    return torch.cat(ranks), torch.cat(top)
-
-
-def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int,
-                 answer_scoring: str = "first_token") -> tuple[list, int]:
-    """Keep the pairs whose answer the model ranks within ``top_k`` on the clean prompt (whole answers:
-    every token within ``top_k`` under teacher forcing)."""
-    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size, answer_scoring=answer_scoring)
-    kept = [p for p, r in zip(pairs, ranks.tolist()) if r <= top_k]
-    return kept, len(pairs) - len(kept)
-
-
-#: Which prompt sets the known-facts filter applies to: both halves of a split, or only the half the
-#: circuit is found on (the Knowledge Circuits paper's protocol: test on every held-out fact).
-KNOWN_ONLY_ON = ("both", "discover")
-
-
-def empty_prompts_hint(skipped: dict[str, int], n_candidates: int, answer_scoring: str) -> str:
-    """What to do when filtering left no prompt pair, from the reason that removed the most candidates."""
-    if not skipped or not any(skipped.values()):
-        return "add samples to the relation"
-    reason = max(skipped, key=lambda k: skipped[k])
-    if reason == SKIP_ANSWER_COLLISION and answer_scoring == "first_token":
-        return ("the answers share their first token with every same-length partner (a tokenizer that splits "
-                "numbers such as years into digits does this): score whole answers with --answer-scoring full "
-                "--metric logprob (answer_scoring='full', metric='logprob'), or use answers that differ in their "
-                "first token")
-    if reason == SKIP_ANSWER_COLLISION:
-        return "the answers' tokens are the same for every same-length partner; add samples with other answers"
-    if reason == SKIP_NO_SAME_LENGTH:
-        return ("no other subject gives a prompt of the same token length; add subjects of similar length or "
-                "other templates")
-    if reason.startswith("not_known_top"):
-        return "the model knows too few of these facts: try without --known-only, a larger --known-k, or more samples"
-    return "add samples to the relation, or use other templates"
-
-
-def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, split: float | None, known_only: bool,
-                    known_k: int, max_pairs: int | None, seed: int, batch_size: int,
-                    templates: Sequence[TemplateSpec] | None = None, known_only_on: str = "both",
-                    answer_scoring: str = "first_token", roles: Sequence[str] | None = None) -> dict[str, PromptSplit]:
-    """Build the prompt pairs of a relation: one set ("all"), or disjoint "discover"/"test" halves by subject.
-
-    Every set is built the same way: all pairs, then the known-facts filter where it applies
-    (``known_only`` on the sets named by ``known_only_on``), then the cap of ``max_pairs``
-    (:func:`kcircuits.data.cap_pairs`). ``roles`` limits which sets are built (e.g. only "test").
-    """
-    if known_only_on not in KNOWN_ONLY_ON:
-        raise KcircuitsError(f"unknown --known-only-on {known_only_on!r}: use one of {', '.join(KNOWN_ONLY_ON)}")
-    ds = load_dataset(relation)
-    parts = {"all": ds} if split is None else dict(zip(("discover", "test"), split_samples(ds, split, seed)))
-    out = {}
-    for role, part in parts.items():
-        if roles is not None and role not in roles:
-            continue
-        ps = build_prompts(part, model.tokenizer, templates=templates, seed=seed, answer_scoring=answer_scoring)
-        skipped = dict(ps.skipped)
-        pairs = list(ps.pairs)
-        if known_only and pairs and (known_only_on == "both" or role != "test"):
-            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size, answer_scoring)
-            skipped[f"not_known_top{known_k}"] = dropped
-        capped = cap_pairs(pairs, max_pairs, seed)
-        if len(capped) < len(pairs):  # a choice, not a failure, but still counted so nothing disappears silently
-            skipped["over_max_pairs"] = len(pairs) - len(capped)
-        pairs = capped
-        if not pairs:
-            reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) or "none"
-            raise KcircuitsError(
-                f"relation {ds.name!r} ({role}): no usable prompt pairs after filtering ({ps.n_candidates} candidates; "
-                f"skipped {reasons}); {empty_prompts_hint(skipped, ps.n_candidates, answer_scoring)}"
-            )
-        out[role] = PromptSplit(ds.name, role, pairs, skipped, ps.n_candidates)
+def _settings(options: dict, given: dict, classes: Sequence[type], command: str) -> dict:
+    """One settings object per class: the object passed (``given``) updated by the flat ``options``."""
+    out = {cls: resolve(cls, given.get(cls), options) for cls in classes}
+    reject_unknown(options, command)
     return out
 
 
-def model_batches(model: LoadedModel, pairs: list, batch_size: int, answer_scoring: str) -> list[Batch]:
-    """Prompt pairs as batches on the model's device (one :class:`~kcircuits.batching.Batch` per ``batch_size``)."""
-    return [b.to(model.device) for b in make_batches(pairs, model.pad_token_id, batch_size, answer_scoring)]
+def discover(relation: str = "country_capital", model: str | LoadedModel = "smollm2-135m", *,
+             out: str | Path | None = None, scoring: ScoringSettings | None = None,
+             attribution: AttributionSettings | None = None, size: CircuitSize | None = None,
+             prompts: PromptSettings | None = None, evaluation: EvaluationSettings | None = None,
+             run: RunSettings | None = None, thresholds: RoleThresholds | None = None, progress: bool = True,
+             **options) -> RunOutput:
+    """Find the circuit of one relation, evaluate it and explain it; write everything to a run folder.
 
+    ``relation`` is a bundled relation name or a .json/.csv file; ``model`` a name ("smollm2-135m"),
+    a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`. The circuit is found
+    on the discovery prompts (with ``split``, that fraction of the subjects), then evaluated on the
+    test prompts against random circuits of its exact size and the chance level, and the first
+    ``explain_prompts`` test prompts are explained (logit lens, head roles, composition).
+    The folder is ``out`` or ``runs/discover_<relation>_<model>_<method>_<hash>``, the hash covering the
+    settings and the weights' fingerprint; a rerun reuses every finished step.
 
-def _environment() -> dict:
-    return {"kcircuits": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Settings (each also accepted by field name, e.g. ``discover(..., percent=1, known_only=True)``):
 
-
-def _validate(method: str, metric: str, ablation: str, answer_scoring: str, selection: str) -> None:
-    if method not in METHODS:
-        raise KcircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if metric not in METRICS:
-        raise KcircuitsError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    check_ablation(ablation)
-    if answer_scoring not in ANSWER_SCORING:
-        raise KcircuitsError(f"unknown answer scoring {answer_scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
-    if answer_scoring == "full" and metric == "logit_diff":
-        raise KcircuitsError("the logit difference compares single tokens; with --answer-scoring full use --metric logprob or prob")
-    if selection not in ("topn", "greedy", "threshold"):
-        raise KcircuitsError(f"unknown selection {selection!r}: use topn, greedy or threshold")
-
-
-def check_settings(method: str, steps: int, metric: str, ablation: str, batch_size: int, *,
-                   answer_scoring: str = "first_token", selection: str = "topn") -> None:
-    """Fail on bad attribution settings before a model is loaded or a run folder written."""
-    _validate(method, metric, ablation, answer_scoring, selection)
-    integration_points(method, steps)
-    if batch_size < 1:
-        raise KcircuitsError("batch size must be >= 1")
-
-
-def discover(
-    relation: str = "country_capital",
-    model: str | LoadedModel = "smollm2-135m",
-    *,
-    out: str | Path | None = None,
-    method: str = "eap-ig",
-    steps: int = 5,
-    metric: str = "logit_diff",
-    ablation: str = "corrupt",
-    selection: str = "topn",
-    n_edges: int | None = None,
-    percent: float | None = None,
-    threshold: float | None = None,
-    absolute: bool = True,
-    split: float | None = None,
-    known_only: bool = False,
-    known_k: int = 1,
-    known_only_on: str = "both",
-    answer_scoring: str = "first_token",
-    max_pairs: int | None = 64,
-    templates: Sequence[TemplateSpec] | None = None,
-    batch_size: int = 8,
-    curve: bool = True,
-    curve_percents: Sequence[float] = CURVE_PERCENTS,
-    n_random: int = 3,
-    grouped: bool = True,
-    export_mib: bool = False,
-    explain_prompts: int = 16,
-    thresholds: RoleThresholds | None = None,
-    device: str | None = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-) -> RunOutput:
-    """Find the circuit of one relation and evaluate it; write everything to a run folder.
-
-    The circuit size is ``n_edges``, or ``percent`` of all edges, or every edge scoring at least
-    ``threshold`` (default: 1% of the edges). With ``split`` (e.g. 0.5) the circuit is found on
-    that fraction of the relation's subjects and evaluated on the rest; ``known_only`` keeps the facts
-    the model ranks within ``known_k``, on both halves or (``known_only_on="discover"``, the
-    Knowledge Circuits paper's protocol) only on the half the circuit is found on. ``templates``
-    selects prompt templates by index, or an LRE file's zero-shot ones by ``"zs0"``. The first
-    ``explain_prompts`` test prompts (0: none) are explained: logit lens, head roles, composition.
     """
-    check_settings(method, steps, metric, ablation, batch_size, answer_scoring=answer_scoring,
-                   selection="threshold" if threshold is not None else selection)
-    if split is not None and not 0 < split < 1:
-        raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
-    if known_only_on not in KNOWN_ONLY_ON:
-        raise KcircuitsError(f"unknown --known-only-on {known_only_on!r}: use one of {', '.join(KNOWN_ONLY_ON)}")
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    reproduce = dict(command="discover", relation=relation, model=model_name, method=method, steps=steps, metric=metric,
-                     ablation=ablation, selection=selection, n_edges=n_edges, percent=percent, threshold=threshold,
-                     absolute=absolute, split=split, known_only=known_only, known_k=known_k,
-                     known_only_on=known_only_on, answer_scoring=answer_scoring, max_pairs=max_pairs,
-                     templates=None if templates is None else list(templates), grouped=grouped,
-                     dtype=dtype, seed=seed, curve=curve, curve_percents=list(curve_percents), n_random=n_random,
-                     explain_prompts=explain_prompts, thresholds=asdict(thresholds or RoleThresholds()))
+    classes = (ScoringSettings, AttributionSettings, CircuitSize, PromptSettings, EvaluationSettings, RunSettings)
+    given = {ScoringSettings: scoring, AttributionSettings: attribution, CircuitSize: size, PromptSettings: prompts,
+             EvaluationSettings: evaluation, RunSettings: run}
+    st = _settings(options, given, classes, "discover")
+    sc, at, sz, pr, ev, rs = (st[c] for c in classes)
+    thresholds = thresholds or RoleThresholds()
     load_dataset(relation)  # fail on a bad relation before anything is loaded or written
-    folder = Path(out) if out else default_run_dir("discover", [Path(relation).stem, Path(model_name).name, method], reproduce)
-    torch.manual_seed(seed)
-    lm = _model(model, device, dtype)  # before the run folder: a model that fails to load writes nothing
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(),
-                             "batch_size": batch_size, "device": str(device)})
-    graph = Graph.from_model(lm.weights, grouped=grouped)
+    method = get_method(at.method)
+    torch.manual_seed(rs.seed)
+    lm_name = model_name(model)
+
+    def reproduce(lm: LoadedModel) -> dict:
+        return {"command": "discover", "relation": relation, "model": lm_name, "weights": lm.fingerprint,
+                "scoring": hashed_dict(sc), "attribution": hashed_dict(at), "size": hashed_dict(sz),
+                "prompts": hashed_dict(pr), "evaluation": hashed_dict(ev), "run": hashed_dict(rs),
+                "thresholds": asdict(thresholds)}
+
+    folder, lm = open_run("discover", [Path(relation).stem, Path(lm_name).name, at.method], reproduce, out, model, rs)
+    run_folder = folder
+    graph = Graph.from_model(lm.weights, grouped=at.grouped)
     engine = Engine(lm.weights, graph)
 
     # 1. prompts
-    sets = prepare_prompts(lm, engine, relation, split=split, known_only=known_only, known_k=known_k,
-                           max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates,
-                           known_only_on=known_only_on, answer_scoring=answer_scoring)
-    run.write_json("prompts.json", {role: s.to_json() for role, s in sets.items()})
+    sets = prepare_prompts(lm, engine, relation, settings=pr, seed=rs.seed, batch_size=rs.batch_size,
+                           answer_scoring=sc.answer_scoring)
+    run_folder.write_json("prompts.json", {role: s.to_json() for role, s in sets.items()})
     found_on = sets.get("discover", sets.get("all"))
     tested_on = sets.get("test", found_on)
-    disc_batches = model_batches(lm, found_on.pairs, batch_size, answer_scoring)
+    disc_batches = model_batches(lm, found_on.pairs, rs.batch_size, sc.answer_scoring)
 
-    # 2. attribution scores (reused when present)
-    if run.has("scores.safetensors"):
-        scores = run.read_tensors("scores.safetensors")["scores"].to(lm.device)
+    # 2. the method: edge scores (reused when present), or a circuit it searched for itself
+    scores = None
+    if method.output == "scores":
+        if run_folder.has("scores.safetensors"):
+            scores = run_folder.read_tensors("scores.safetensors")["scores"].to(lm.device)
+        else:
+            mean = mean_activations(engine, disc_batches) if sc.ablation == "mean" else None
+            scores = attribute_resumable(run_folder, engine, disc_batches, scoring=sc, attribution=at, mean=mean,
+                                         progress=progress)
+            run_folder.write_tensors("scores.safetensors", {"scores": scores},
+                                     {"src_names": ",".join(graph.src_names), "dst_names": ",".join(graph.dst_names)})
+        circuit = circuit_of_size(graph, scores.cpu(), sz)
     else:
-        mean = mean_activations(engine, disc_batches) if ablation == "mean" else None
-        scores = _attribute_resumable(run, engine, disc_batches, method=method, metric=metric, steps=steps,
-                                      ablation=ablation, mean=mean, progress=progress)
-        run.write_tensors("scores.safetensors", {"scores": scores},
-                          {"src_names": ",".join(graph.src_names), "dst_names": ",".join(graph.dst_names)})
-        run.file(PARTIAL_SCORES).unlink(missing_ok=True)
-
-    # 3. circuit
-    if threshold is not None:
-        circuit = select_by_threshold(graph, scores.cpu(), threshold, absolute=absolute)
-    else:
-        if n_edges is None:
-            n_edges = max(1, round(graph.n_edges * (percent if percent is not None else 1.0) / 100))
-        circuit = select(graph, scores.cpu(), n_edges, selection=selection, absolute=absolute)
+        circuit = method.find(engine, disc_batches, scoring=sc, attribution=at, size=sz, progress=progress)
     if circuit.n_edges == 0:
-        raise KcircuitsError("the selected circuit is empty after pruning; select more edges (--edges/--percent) or lower --threshold")
-    run.write_json("circuit.json", circuit.to_json({"model": model_name, "relation": found_on.relation,
-                                                    "method": method, "metric": metric}))
-    if export_mib:  # every edge with its score, in the EAP-IG / MIB graph format
-        run.write_json("circuit_mib.json", circuit.to_mib_json())
+        raise KcircuitsError("the selected circuit is empty after pruning; select more edges (--edges/--percent) "
+                             "or lower --threshold")
+    run_folder.write_json("circuit.json", circuit.to_json({"model": lm_name, "relation": found_on.relation,
+                                                           "method": at.method, "metric": sc.metric}))
+    if ev.export_mib:  # every edge with its score, in the EAP-IG / MIB graph format
+        run_folder.write_json("circuit_mib.json", circuit.to_mib_json())
 
-    # 4. evaluation (reused when present)
-    if run.has("metrics.json"):
-        metrics = run.read_json("metrics.json")
+    # 3. evaluation (reused when present)
+    if run_folder.has("metrics.json"):
+        metrics = run_folder.read_json("metrics.json")
     else:
-        metrics = evaluate_circuit(engine, circuit, scores.cpu(), {"discover": found_on} if tested_on is found_on else
-                                   {"discover": found_on, "test": tested_on}, lm, metric=metric, ablation=ablation,
-                                   answer_scoring=answer_scoring, batch_size=batch_size, curve=curve,
-                                   curve_percents=curve_percents, selection=selection, absolute=absolute,
-                                   n_random=n_random, seed=seed, progress=progress)
-        run.write_json("metrics.json", metrics)
+        roles = {"discover": found_on} if tested_on is found_on else {"discover": found_on, "test": tested_on}
+        metrics = evaluate_circuit(engine, circuit, None if scores is None else scores.cpu(), roles, lm, scoring=sc,
+                                   size=sz, evaluation=ev, run=rs, progress=progress)
+        run_folder.write_json("metrics.json", metrics)
 
-    # 5. explanation: logit lens (clean and circuit-only), head roles, composition, on the test prompts
+    # 4. explanation: logit lens (clean and circuit-only), head roles, composition, on the test prompts
     view = None
-    if explain_prompts:
-        view = explain_circuit(run, engine, lm, circuit, tested_on.pairs[:explain_prompts],
-                               answer_range_of([p for s in sets.values() for p in s.pairs]), ablation=ablation,
-                               batch_size=batch_size, thresholds=thresholds)
+    if ev.explain_prompts:
+        view = explain_circuit(run_folder, engine, lm, circuit, tested_on.pairs[:ev.explain_prompts],
+                               answer_range_of([p for s in sets.values() for p in s.pairs]), ablation=sc.ablation,
+                               batch_size=rs.batch_size, thresholds=thresholds)
 
-    # 6. report
-    write_report(run.file("report.html"), _report(run.config, circuit, metrics, sets, graph, scores, view, lm.tokenizer))
-    return RunOutput(run.path, circuit, metrics, scores, sets)
+    # 5. report
+    write_report(run_folder.file("report.html"),
+                 _report(run_folder.config, circuit, metrics, sets, graph, scores, view, lm.tokenizer))
+    return RunOutput(run_folder.path, circuit, metrics, scores, sets)
+
+
+discover.__doc__ += settings_doc(ScoringSettings, AttributionSettings, CircuitSize, PromptSettings,
+                                 EvaluationSettings, RunSettings)
+
+
+def circuit_of_size(graph: Graph, scores: torch.Tensor, size: CircuitSize) -> Circuit:
+    """The pruned circuit that ``size`` selects from edge scores ``[n_src, n_dst]``."""
+    n = size.edges_for(graph.n_edges)
+    if n is None:
+        return select_by_threshold(graph, scores, size.threshold, absolute=size.absolute)
+    return select(graph, scores, n, selection=size.selection, absolute=size.absolute)
 
 
 def explain_circuit(run: RunFolder, engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: list,
@@ -344,128 +213,96 @@ def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Gr
     return report
 
 
-PARTIAL_SCORES = "scores.partial.safetensors"
-
-
-def _attribute_resumable(run: RunFolder, engine: Engine, batches: list[Batch], **kwargs) -> torch.Tensor:
-    """Attribution that checkpoints its running sums after every batch and resumes from them."""
-    resume = None
-    if run.has(PARTIAL_SCORES):
-        from safetensors import safe_open
-
-        with safe_open(str(run.file(PARTIAL_SCORES)), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = run.read_tensors(PARTIAL_SCORES)
-        resume = (int(meta.get("done", 0)), tensors["scores"].to(batches[0].clean.device), meta.get("layout", ""))
-
-    def checkpoint(done: int, layout: str, partial: torch.Tensor) -> None:
-        if done < len(layout.split(",")):
-            run.write_tensors(PARTIAL_SCORES, {"scores": partial}, {"done": done, "layout": layout})
-
-    return attribute(engine, batches, resume=resume, on_batch=checkpoint, **kwargs)
-
-
 def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | None, sets: dict[str, PromptSplit],
-                     lm: LoadedModel, *, metric: str, ablation: str, answer_scoring: str, batch_size: int,
-                     curve: bool, curve_percents: Sequence[float], selection: str, absolute: bool, n_random: int,
-                     seed: int, progress: bool) -> dict:
-    """Evaluate a circuit on each prompt set; the curve and random baseline on the last (test) set."""
+                     lm: LoadedModel, *, scoring: ScoringSettings, size: CircuitSize, evaluation: EvaluationSettings,
+                     run: RunSettings, progress: bool) -> dict:
+    """Evaluate a circuit on each prompt set; random baselines and the curve (from ``scores``) on the last (test) set."""
     out: dict = {"sets": {}}
     last = list(sets)[-1]
     for role, ps in sets.items():
-        batches = model_batches(lm, ps.pairs, batch_size, answer_scoring)
-        mean = mean_activations(engine, batches) if ablation == "mean" else None
-        ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
+        batches = model_batches(lm, ps.pairs, run.batch_size, scoring.answer_scoring)
+        mean = mean_activations(engine, batches) if scoring.ablation == "mean" else None
+        ev = Evaluator(engine, batches, metric=scoring.metric, ablation=scoring.ablation, mean=mean, progress=progress)
         res = ev.evaluate(circuit)
         res.update(relation=ps.relation, role=role, skipped=ps.skipped)
-        if role == last and n_random > 0 and circuit.n_edges:
-            res["random_baseline"] = ev.random_baselines(circuit, n_random, seed)
-        if role == last and curve and scores is not None:
-            out["curve"] = ev.curve(scores, curve_percents, selection=selection, absolute=absolute,
-                                    random_baseline=n_random > 0, seed=seed)
+        if role == last and evaluation.n_random > 0 and circuit.n_edges:
+            res["random_baseline"] = ev.random_baselines(circuit, evaluation.n_random, run.seed)
+        if role == last and evaluation.curve and scores is not None:
+            out["curve"] = ev.curve(scores, evaluation.curve_percents, selection=size.selection,
+                                    absolute=size.absolute, random_baseline=evaluation.n_random > 0, seed=run.seed)
             out["curve"]["set"] = role
         out["sets"][role] = res
     return out
 
 
-def evaluate(
-    circuit: str | Path | Circuit,
-    relations: Sequence[str],
-    model: str | LoadedModel = "smollm2-135m",
-    *,
-    out: str | Path | None = None,
-    metric: str = "logit_diff",
-    ablation: str = "corrupt",
-    answer_scoring: str = "first_token",
-    known_only: bool = False,
-    known_k: int = 1,
-    max_pairs: int | None = 64,
-    split: float | None = None,
-    templates: Sequence[TemplateSpec] | None = None,
-    batch_size: int = 8,
-    n_random: int = 3,
-    explain_prompts: int = 16,
-    thresholds: RoleThresholds | None = None,
-    device: str | None = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-) -> RunOutput:
+def load_circuit(circuit: str | Path | Circuit) -> Circuit:
+    """A circuit, from a ``circuit.json`` or a discover run folder."""
+    if isinstance(circuit, Circuit):
+        return circuit
+    path = Path(circuit)
+    path = path / "circuit.json" if path.is_dir() else path
+    if not path.exists():
+        raise KcircuitsError(f"no circuit at {path}; pass a circuit.json or a discover run folder")
+    try:
+        return Circuit.from_json(read_json(path))
+    except json.JSONDecodeError as exc:
+        raise KcircuitsError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+
+
+def evaluate(circuit: str | Path | Circuit, relations: Sequence[str], model: str | LoadedModel = "smollm2-135m", *,
+             out: str | Path | None = None, scoring: ScoringSettings | None = None,
+             prompts: PromptSettings | None = None, evaluation: EvaluationSettings | None = None,
+             run: RunSettings | None = None, thresholds: RoleThresholds | None = None, progress: bool = True,
+             **options) -> RunOutput:
     """Evaluate an existing circuit (a ``circuit.json`` or a run folder) on the prompts of several relations,
     and explain it (logit lens, head roles, composition) on the first ``explain_prompts`` prompts of the first.
 
     With ``split`` the circuit is evaluated on the held-out part of each relation: the subjects that
     ``discover(..., split=split, seed=seed)`` did not find it on. ``known_only`` filters the evaluated
     prompts; leave it off to test on every held-out fact (the Knowledge Circuits paper's test set).
-    ``templates`` and ``max_pairs`` choose and cap the prompts as in :func:`discover`.
+    ``templates`` and ``max_pairs`` choose and cap the prompts as in :func:`discover`. The curve is
+    not drawn (there are no scores to select sizes from).
+
+    Settings (each also accepted by field name):
+
     """
-    if split is not None and not 0 < split < 1:
-        raise KcircuitsError(f"--split must be a fraction strictly between 0 and 1, got {split}")
-    _validate("eap", metric, ablation, answer_scoring, "topn")
+    classes = (ScoringSettings, PromptSettings, EvaluationSettings, RunSettings)
+    given = {ScoringSettings: scoring, PromptSettings: prompts, EvaluationSettings: evaluation, RunSettings: run}
+    st = _settings(options, given, classes, "evaluate")
+    sc, pr, ev, rs = (st[c] for c in classes)
+    thresholds = thresholds or RoleThresholds()
     if not relations:
         raise KcircuitsError("give at least one relation to evaluate on")
-    if not isinstance(circuit, Circuit):
-        path = Path(circuit)
-        path = path / "circuit.json" if path.is_dir() else path
-        if not path.exists():
-            raise KcircuitsError(f"no circuit at {path}; pass a circuit.json or a discover run folder")
-        import json
-
-        from kcircuits.io import read_json
-
-        try:
-            circuit = Circuit.from_json(read_json(path))
-        except json.JSONDecodeError as exc:
-            raise KcircuitsError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    edge_names = sorted(f"{s}->{d}" for s, d, _ in circuit.edge_list())
-    reproduce = dict(command="evaluate", circuit_n_edges=len(edge_names),
-                     circuit_sha256=hashlib.sha256("\n".join(edge_names).encode()).hexdigest(),
-                     relations=list(relations), model=model_name, metric=metric, ablation=ablation,
-                     answer_scoring=answer_scoring, known_only=known_only, known_k=known_k, max_pairs=max_pairs,
-                     split=split, templates=None if templates is None else list(templates), dtype=dtype, seed=seed, n_random=n_random, explain_prompts=explain_prompts,
-                     thresholds=asdict(thresholds or RoleThresholds()))
-    folder = Path(out) if out else default_run_dir("evaluate", [Path(model_name).name] + [Path(r).stem for r in relations][:3],
-                                                   reproduce)
+    circuit = load_circuit(circuit)
     for rel in relations:
         load_dataset(rel)  # fail on a bad relation before anything is loaded or written
-    lm = _model(model, device, dtype)  # before the run folder: a model that fails to load writes nothing
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
-                             "device": str(device)})
+    lm_name = model_name(model)
+    edge_names = sorted(f"{s}->{d}" for s, d, _ in circuit.edge_list())
+
+    def reproduce(lm: LoadedModel) -> dict:
+        return {"command": "evaluate", "circuit_n_edges": len(edge_names),
+                "circuit_sha256": hashlib.sha256("\n".join(edge_names).encode()).hexdigest(),
+                "relations": list(relations), "model": lm_name, "weights": lm.fingerprint,
+                "scoring": hashed_dict(sc), "prompts": hashed_dict(pr), "evaluation": hashed_dict(ev),
+                "run": hashed_dict(rs), "thresholds": asdict(thresholds)}
+
+    run_folder, lm = open_run("evaluate", [Path(lm_name).name] + [Path(r).stem for r in relations][:3], reproduce,
+                              out, model, rs)
+    run = run_folder
     g = circuit.graph
     if (g.n_layers, g.n_heads, g.n_kv_heads) != (lm.weights.n_layers, lm.weights.n_heads, lm.weights.n_kv_heads):
-        raise KcircuitsError(f"the circuit was found on a model with {g.n_layers} layers x {g.n_heads} heads, "
-                             f"not on {model_name!r}; evaluate it with the model it came from")
+        raise KcircuitsError(f"this circuit was made for a {g.n_layers}-layer model with {g.n_heads} heads, "
+                             f"{lm_name!r} has {lm.weights.n_layers} layers with {lm.weights.n_heads} heads; "
+                             "evaluate it with the model it came from")
     engine = Engine(lm.weights, g)
-    run.write_json("circuit.json", circuit.to_json({"model": model_name}))
+    run.write_json("circuit.json", circuit.to_json({"model": lm_name}))
     per_relation, all_sets = {}, {}
 
     def evaluation_prompts(rel: str) -> PromptSplit:
         """All of a relation's prompts, or with ``split`` its held-out ("test") part."""
-        sets = prepare_prompts(lm, engine, rel, split=split, known_only=known_only, known_k=known_k,
-                               max_pairs=max_pairs, seed=seed, batch_size=batch_size, templates=templates,
-                               answer_scoring=answer_scoring, roles=("all", "test"))
-        return sets["all" if split is None else "test"]
+        sets = prepare_prompts(lm, engine, rel, settings=pr, seed=rs.seed, batch_size=rs.batch_size,
+                               answer_scoring=sc.answer_scoring, roles=("all", "test"))
+        return sets["all" if pr.split is None else "test"]
 
     for rel in relations:
         name = Path(rel).stem
@@ -474,18 +311,20 @@ def evaluate(
             continue
         ps = evaluation_prompts(rel)
         all_sets[name] = ps
-        res = evaluate_circuit(engine, circuit, None, {name: ps}, lm, metric=metric, ablation=ablation,
-                               answer_scoring=answer_scoring, batch_size=batch_size, curve=False, curve_percents=(),
-                               selection="topn", absolute=True, n_random=n_random, seed=seed, progress=progress)
+        res = evaluate_circuit(engine, circuit, None, {name: ps}, lm, scoring=sc, size=CircuitSize(), evaluation=ev,
+                               run=rs, progress=progress)
         per_relation[name] = res["sets"][name]
         run.write_json(f"metrics_{name}.json", per_relation[name])
     metrics = {"sets": per_relation}
     run.write_json("metrics.json", metrics)
     ex = None
-    if explain_prompts:  # the explanation on the first relation's prompts
+    if ev.explain_prompts:  # the explanation on the first relation's prompts
         first = Path(relations[0]).stem
         ps = all_sets.get(first) or evaluation_prompts(relations[0])
-        ex = explain_circuit(run, engine, lm, circuit, ps.pairs[:explain_prompts], answer_range_of(ps.pairs),
-                             ablation=ablation, batch_size=batch_size, thresholds=thresholds)
+        ex = explain_circuit(run, engine, lm, circuit, ps.pairs[:ev.explain_prompts], answer_range_of(ps.pairs),
+                             ablation=sc.ablation, batch_size=rs.batch_size, thresholds=thresholds)
     write_report(run.file("report.html"), _report(run.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))
     return RunOutput(run.path, circuit, metrics, None, all_sets)
+
+
+evaluate.__doc__ += settings_doc(ScoringSettings, PromptSettings, EvaluationSettings, RunSettings)

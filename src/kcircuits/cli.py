@@ -12,27 +12,29 @@ import sys
 from kcircuits.errors import KcircuitsError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+#: The settings each command takes (kcircuits.settings); their fields are the command's options.
+DISCOVER_SETTINGS = ("ScoringSettings", "AttributionSettings", "CircuitSize", "PromptSettings", "EvaluationSettings",
+                     "RunSettings")
+EVALUATE_SETTINGS = ("ScoringSettings", "PromptSettings", "EvaluationSettings", "RunSettings")
+
+
+def _settings_args(p: argparse.ArgumentParser, names: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
+    """The options of ``p`` generated from the settings dataclasses, one argument group per concern."""
+    from kcircuits import settings
+
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
     p.add_argument("--out", help="run folder (default: runs/<command>_<...>_<config hash>)")
-    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob"])
-    p.add_argument("--ablation", default="corrupt", choices=["corrupt", "zero", "mean"],
-                   help="what edges outside the circuit carry (default: the corrupted run)")
-    p.add_argument("--answer-scoring", default="first_token", choices=["first_token", "full"],
-                   help="score the answer's first token (default) or its whole log-probability")
-    p.add_argument("--known-only", action="store_true", help="keep only samples the model answers within --known-k")
-    p.add_argument("--known-k", type=int, default=1)
-    p.add_argument("--max-pairs", type=int, default=64,
-                   help="cap on prompt pairs per relation and split half, applied after --known-only (0: no cap)")
-    p.add_argument("--templates", nargs="+", metavar="T",
-                   help="prompt templates to use: indices (0 1 ...) of prompt_templates, or zs0 zs1 ... / zs for an "
-                        "LRE file's zero-shot templates (prompt_templates_zs); default: every prompt_templates entry")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--random-draws", type=int, default=3, help="random connected circuits of the same size to compare with")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in names:
+        cls = getattr(settings, name)
+        settings.add_arguments(p, cls, exclude=exclude, group=p.add_argument_group((cls.__doc__ or name).split("\n")[0]))
+
+
+def _settings_from(args, names: tuple[str, ...]) -> dict:
+    """API keyword arguments (``scoring=...``, ``size=...``) from the parsed command line."""
+    from kcircuits import settings
+
+    return {settings.param_name(getattr(settings, n)): settings.from_args(getattr(settings, n), args) for n in names}
 
 
 def _thresholds_args(p: argparse.ArgumentParser) -> None:
@@ -46,12 +48,6 @@ def _thresholds_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-z-min", type=float, default=t.answer_z_min, help="mover: z-score of the answer's direct effect")
     g.add_argument("--specificity-min", type=float, default=t.specificity_min, help="mover: answer z minus range z")
     g.add_argument("--range-z-min", type=float, default=t.range_z_min, help="relation head: z-score on the answer range")
-
-
-def _templates(args):
-    from kcircuits.data import parse_template_specs
-
-    return None if args.templates is None else parse_template_specs(args.templates)
 
 
 def _thresholds(args):
@@ -92,35 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("discover", help="find the circuit of a relation and evaluate it")
     d.add_argument("relation", help="a bundled relation name (see `kcircuits datasets`) or a .json/.csv file")
-    d.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig", "clean-corrupted"])
-    d.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (m)")
-    size = d.add_mutually_exclusive_group()
-    size.add_argument("--edges", type=int, help="circuit size in edges")
-    size.add_argument("--percent", type=float, help="circuit size in percent of all edges (default 1)")
-    size.add_argument("--threshold", type=float, help="keep every edge scoring at least this")
-    d.add_argument("--selection", default="topn", choices=["topn", "greedy"])
-    d.add_argument("--signed", action="store_true", help="rank by signed score instead of |score|")
-    d.add_argument("--split", type=float, nargs="?", const=0.5, default=None,
-                   help="discover on this fraction of the subjects (default 0.5), evaluate on the rest")
-    d.add_argument("--known-only-on", default="both", choices=["both", "discover"],
-                   help="with --known-only: filter both halves (default), or only the discovery half so the circuit "
-                        "is tested on every held-out fact (the Knowledge Circuits paper's protocol)")
-    d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
-    d.add_argument("--ungrouped", action="store_true", help="one k/v destination per query head (GQA models)")
-    d.add_argument("--export-mib", action="store_true", help="also write circuit_mib.json (EAP-IG/MIB graph format)")
-    d.add_argument("--explain-prompts", type=int, default=16,
-                   help="explain the circuit on this many test prompts: logit lens, head roles (0: skip)")
-    _common(d)
+    _settings_args(d, DISCOVER_SETTINGS)
     _thresholds_args(d)
 
     e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
     e.add_argument("circuit", help="a circuit.json or a discover run folder")
-    e.add_argument("relations", nargs="+", help="relations to evaluate on")
-    e.add_argument("--split", type=float, nargs="?", const=0.5, default=None,
-                   help="evaluate on the held-out subjects of `discover --split F` (same --seed) instead of all")
-    e.add_argument("--explain-prompts", type=int, default=16,
-                   help="explain the circuit on this many prompts of the first relation (0: skip)")
-    _common(e)
+    e.add_argument("relations", nargs="+", help="relations to evaluate on (with --split: their held-out subjects)")
+    _settings_args(e, EVALUATE_SETTINGS, exclude=("known_only_on", "curve"))
     _thresholds_args(e)
 
     c = sub.add_parser("compare", help="compare the circuits of several relations: overlap and cross-faithfulness")
@@ -162,27 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _discover(args) -> None:
     from kcircuits.api import discover
 
-    res = discover(args.relation, args.model, out=args.out, method=args.method, steps=args.steps, metric=args.metric,
-                   ablation=args.ablation, selection=args.selection, n_edges=args.edges, percent=args.percent,
-                   threshold=args.threshold, absolute=not args.signed, split=args.split, known_only=args.known_only,
-                   known_k=args.known_k, known_only_on=args.known_only_on, answer_scoring=args.answer_scoring,
-                   max_pairs=args.max_pairs or None, templates=_templates(args), batch_size=args.batch_size,
-                   curve=not args.no_curve,
-                   n_random=args.random_draws, grouped=not args.ungrouped, export_mib=args.export_mib,
-                   explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
-                   dtype=args.dtype, seed=args.seed, progress=not args.quiet)
+    res = discover(args.relation, args.model, out=args.out, thresholds=_thresholds(args), progress=not args.quiet,
+                   **_settings_from(args, DISCOVER_SETTINGS))
     _print_result(res)
 
 
 def _evaluate(args) -> None:
     from kcircuits.api import evaluate
 
-    res = evaluate(args.circuit, args.relations, args.model, out=args.out, metric=args.metric, ablation=args.ablation,
-                   answer_scoring=args.answer_scoring, known_only=args.known_only, known_k=args.known_k,
-                   max_pairs=args.max_pairs or None, split=args.split, templates=_templates(args),
-                   batch_size=args.batch_size, n_random=args.random_draws,
-                   explain_prompts=args.explain_prompts, thresholds=_thresholds(args), device=args.device,
-                   dtype=args.dtype, seed=args.seed, progress=not args.quiet)
+    res = evaluate(args.circuit, args.relations, args.model, out=args.out, thresholds=_thresholds(args),
+                   progress=not args.quiet, **_settings_from(args, EVALUATE_SETTINGS))
     _print_result(res)
 
 

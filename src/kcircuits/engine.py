@@ -7,7 +7,8 @@ One function, :meth:`Engine.run`, serves every purpose:
 * ``mask=...`` runs the *patched* forward of DESIGN.md item 4: destination v reads
   ``x_v = x - Σ_u (1 - mask[u, v]) · (a_u - ablated_u)``, where x is this pass's own residual
   stream and ``ablated_u`` the cached corrupted (or zero / mean) output of u. One pass evaluates a
-  whole circuit; masks may be fractional and may differ per prompt (``[batch, n_src, n_dst]``);
+  whole circuit; masks may be fractional and may differ per prompt (``[batch, n_src, n_dst]``).
+  The bookkeeping of the deltas lives in :class:`kcircuits.patching.Patcher`;
 * ``capture=True`` keeps the tensors from which :mod:`kcircuits.discover.eap` recovers the gradient
   at every destination input with one backward pass (q/k/v projections, MLP norm outputs, the
   final residual), without materialising a residual copy per head.
@@ -18,21 +19,26 @@ every position is most of a small model's cost and no metric needs it.
 
 from __future__ import annotations
 
-import bisect
-import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kcircuits.graph import Graph
-from kcircuits.models.weights import Block, ModelWeights
-
-#: torch's one-time notice on the first sparse CSR tensor (matched at the start of the message).
-_CSR_BETA_WARNING = r"Sparse CSR tensor support is in beta"
+from kcircuits.models.weights import Attention, Block, ModelWeights
+from kcircuits.patching import Patcher
 
 #: torch >= 2.5 shares kv heads inside attention, without materialising repeated k/v.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class DestGroup(NamedTuple):
+    """The q, k or v destinations of one layer, as :meth:`Engine.dest_groups` lists them."""
+
+    first: int  # column of the group's first destination within the layer's attention block
+    weight: torch.Tensor  # [n, e, d] each destination's rows of W_Q / W_K / W_V
+    bias: torch.Tensor | None  # [n, e] their biases, None when the projection has none
 
 
 @dataclass
@@ -79,7 +85,8 @@ class Engine:
         """``[n*e, d]`` projection weight -> ``[n, e, d]`` per head."""
         return W.unflatten(0, (n, -1))
 
-    def _kv_weights(self, attn, W: torch.Tensor, b: torch.Tensor | None):
+    def _kv_weights(self, attn: Attention, W: torch.Tensor,
+                    b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per k/v *destination* weights ``[Hk, e, d]`` and biases ``[Hk, e]`` (repeated when ungrouped)."""
         Wh = self._heads(W, attn.n_kv_heads)
         bh = None if b is None else b.view(attn.n_kv_heads, -1)
@@ -99,11 +106,19 @@ class Engine:
             k, v = k[:, :, self._kv_of_dst], v[:, :, self._kv_of_dst]
         return q, k, v
 
-    def _dest_groups(self, a):
-        """(first column, weights ``[n, e, d]``, biases ``[n, e]``) of the q, k and v destinations of a layer."""
+    def dest_groups(self, a: Attention) -> tuple[DestGroup, DestGroup, DestGroup]:
+        """The q, k and v destination groups of a layer, in the graph's column order.
+
+        Each destination projects its own residual input through its head's rows only; the
+        patched forward and the attribution backward pass (:mod:`kcircuits.discover.eap`) both need
+        those rows per destination. k/v rows are repeated per query head when the graph does not
+        group kv destinations.
+        """
         H, Hk = a.n_heads, self.graph.n_kv_dst
-        q_w = (self._heads(a.W_Q, H), None if a.b_Q is None else a.b_Q.view(H, -1))
-        return ((0, *q_w), (H, *self._kv_weights(a, a.W_K, a.b_K)), (H + Hk, *self._kv_weights(a, a.W_V, a.b_V)))
+        q = DestGroup(0, self._heads(a.W_Q, H), None if a.b_Q is None else a.b_Q.view(H, -1))
+        k = DestGroup(H, *self._kv_weights(a, a.W_K, a.b_K))
+        v = DestGroup(H + Hk, *self._kv_weights(a, a.W_V, a.b_V))
+        return q, k, v
 
     @staticmethod
     def _project_heads(h: torch.Tensor, Wh: torch.Tensor, bh: torch.Tensor | None) -> torch.Tensor:
@@ -114,8 +129,8 @@ class Engine:
     def _project_patched(self, blk: Block, x_dst: torch.Tensor):
         """q/k/v when every destination has its own input ``x_dst [H + 2Hk, b, p, d]``."""
         h = blk.ln1(x_dst)
-        groups = self._dest_groups(blk.attn)
-        bounds = [g[0] for g in groups] + [x_dst.shape[0]]
+        groups = self.dest_groups(blk.attn)
+        bounds = [group.first for group in groups] + [x_dst.shape[0]]
         return tuple(self._project_heads(h[lo:hi], Wh, bh) for (lo, Wh, bh), hi in zip(groups, bounds[1:]))
 
     def _project_mixed(self, blk: Block, base: torch.Tensor, cols: torch.Tensor, x_own: torch.Tensor):
@@ -123,8 +138,8 @@ class Engine:
         and all the others read ``base [b, p, d]`` (small circuits: most destinations are fully patched)."""
         q, k, v = self._project_shared(blk, base)
         h = blk.ln1(x_own)
-        groups = self._dest_groups(blk.attn)
-        bounds = [g[0] for g in groups] + [self.graph.n_attn_dst]
+        groups = self.dest_groups(blk.attn)
+        bounds = [group.first for group in groups] + [self.graph.n_attn_dst]
         for out, (lo, Wh, bh), hi in zip((q, k, v), groups, bounds[1:]):
             sel = torch.nonzero((cols >= lo) & (cols < hi)).flatten()
             if len(sel):
@@ -206,14 +221,14 @@ class Engine:
             cos, sin = w.rotary.cos_sin(torch.arange(p, device=embeds.device))
         result = RunResult(logits=None, acts=acts if record else None)  # type: ignore[arg-type]
         differentiable = torch.is_grad_enabled() and (embeds.requires_grad or (mask is not None and mask.requires_grad))
-        patcher = _Patcher(mask, ablated, embeds, g.n_src, differentiable) if patching else None
+        patcher = Patcher(mask, ablated, embeds, g.n_src, differentiable) if patching else None
 
         def emit(start: int, out: torch.Tensor) -> None:
             """Record source outputs ``out [n, b, p, d]`` and hand them to the patcher."""
             if record:
                 acts[start : start + out.shape[0]] = out.detach() if differentiable else out
             if patcher is not None:
-                patcher.emit(start, out)
+                patcher.emit_all(start, out)
 
         emit(0, embeds[None])
         x = embeds
@@ -236,7 +251,7 @@ class Engine:
                 needed = patcher.needed(first, H)
                 head_out = torch.einsum("bphe,hed->hbpd", z[:, :, needed], W_O_heads[needed])
                 bias = blk.attn.b_O if blk.attn.b_O is not None else 0
-                patcher.emit(first, head_out, n=H, total=attn_out - bias)
+                patcher.emit_needed(first, head_out, n=H, total=attn_out - bias)
             elif record or patching:
                 head_out = torch.einsum("bphe,hed->hbpd", z, W_O_heads)
                 emit(first, head_out)
@@ -263,145 +278,3 @@ class Engine:
         result.logits = F.linear(w.ln_final(picked), w.W_U, w.b_U)
         return result
 
-
-def _cols(m: torch.Tensor, n_rows: int, cols: slice) -> torch.Tensor:
-    """Rows ``:n_rows`` and destination columns ``cols`` of a 2-D or per-prompt 3-D mask."""
-    return m[:n_rows, cols] if m.dim() == 2 else m[:, :n_rows, cols]
-
-
-def _weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_u weights[u, v] · delta[u] for a block of destinations.
-
-    delta: ``[s, b, p, d]``; weights: ``[s, v]`` or per prompt ``[b, s, v]`` -> ``[v, b, p, d]``.
-    """
-    if delta.shape[0] == 0:
-        return delta.new_zeros(weights.shape[-1], *delta.shape[1:])
-    if weights.dim() == 2:
-        s, rest = delta.shape[0], delta.shape[1:]
-        return (weights.T @ delta.reshape(s, -1)).view(weights.shape[1], *rest)
-    return torch.einsum("sbpd,bsv->vbpd", delta, weights)
-
-
-def _sparse_weighted_sum(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`_weighted_sum` for a mostly-zero 2-D ``weights`` (a circuit's kept edges): a sparse
-    product reads only the rows each destination keeps."""
-    if weights.dim() == 3 or delta.shape[0] == 0 or delta.device.type != "cpu" or delta.dtype != torch.float32:
-        return _weighted_sum(delta, weights)
-    s, rest = delta.shape[0], delta.shape[1:]
-    with warnings.catch_warnings():  # silence torch's beta notice only; any other warning still surfaces
-        warnings.filterwarnings("ignore", message=_CSR_BETA_WARNING, category=UserWarning)
-        out = weights.T.to_sparse_csr() @ delta.reshape(s, -1)
-    return out.view(weights.shape[1], *rest)
-
-
-def _nonzero_rows(block: torch.Tensor) -> torch.Tensor:
-    """Source rows of a ``[s, v]`` or ``[b, s, v]`` mask block with any non-zero entry."""
-    nz = block != 0
-    return torch.nonzero(nz.any(-1).any(0) if nz.dim() == 3 else nz.any(-1)).flatten()
-
-
-class _Patcher:
-    """Holds ``delta_u = a_u - ablated_u`` for the sources computed so far and builds destination inputs.
-
-    A block of destinations reads ``x - Σ_{u < n} (1 - mask[u, v]) · delta_u``. Three ways to get it:
-
-    * ``chunks`` (autograd on: learned masks, mask gradients): in-place writes are not allowed, so
-      deltas are kept per layer and the term is summed chunk by chunk.
-    * ``sparse`` (small circuits: fewer sources with a kept edge than with a patched one): only the
-      deltas of sources with a kept edge are stored, in a compact buffer, plus the running sum of
-      all deltas; an input is ``(x - Σ_u delta_u) + Σ_u mask[u, v] · delta_u`` over the kept rows.
-      Destinations with no kept edge all read the same tensor, which the engine projects once.
-    * ``dense`` (large circuits): every delta in one buffer; the term is summed over patched rows.
-    """
-
-    def __init__(self, mask: torch.Tensor, ablated: torch.Tensor | None, like: torch.Tensor, n_src: int,
-                 differentiable: bool):
-        self.mask = mask.to(device=like.device, dtype=like.dtype)
-        self.inv = 1 - self.mask
-        self.ablated = ablated
-        self.chunks: list[tuple[int, torch.Tensor]] = []
-        self.prefix: dict[int, torch.Tensor] = {}  # n -> Σ_{u < n} delta_u, at chunk boundaries
-        self._running = torch.zeros_like(like)
-        needed = _nonzero_rows(self.mask)  # sources with some kept edge
-        if differentiable:
-            self.mode = "chunks"
-        elif len(needed) <= len(_nonzero_rows(self.inv)):
-            self.mode = "sparse"
-            self._needed = needed.tolist()
-            self._compact = {u: i for i, u in enumerate(self._needed)}
-            self._needed_mask = torch.zeros(n_src, dtype=torch.bool, device=like.device)
-            self._needed_mask[needed] = True
-            self.keep = self.mask[needed] if self.mask.dim() == 2 else self.mask[:, needed]  # compact rows
-            self.buf = like.new_empty(len(needed), *like.shape)
-        else:
-            self.mode = "dense"
-            self.buf = like.new_empty(n_src, *like.shape)
-
-    @property
-    def sparse(self) -> bool:
-        return self.mode == "sparse"
-
-    def needed(self, start: int, n: int) -> torch.Tensor:
-        """Indices i in 0..n-1 of the sources ``start + i`` that have a kept edge (sparse mode)."""
-        return torch.nonzero(self._needed_mask[start : start + n]).flatten()
-
-    def emit(self, start: int, out: torch.Tensor, n: int | None = None, total: torch.Tensor | None = None) -> None:
-        """Take the outputs ``out [k, b, p, d]`` of sources ``start..``.
-
-        Normally ``out`` holds all of them. In sparse mode the engine may pass only the sources with
-        a kept edge (``n`` sources in all, ``total`` = Σ of all n outputs, ``[b, p, d]``).
-        """
-        n = out.shape[0] if n is None else n
-        stop = start + n
-        ablated = None if self.ablated is None else self.ablated[start:stop]
-        if total is None:
-            delta = out if ablated is None else out - ablated
-            total_delta = delta.sum(0)
-        else:
-            total_delta = total if ablated is None else total - ablated.sum(0)
-        if self.mode == "chunks":
-            self.chunks.append((start, delta))
-        elif self.mode == "dense":
-            self.buf[start:stop] = delta
-        else:
-            rows = [u for u in range(start, stop) if u in self._compact]
-            if rows:
-                first = self._compact[rows[0]]  # needed rows of one chunk are consecutive in the buffer
-                if total is None:  # out held every source: pick the needed deltas
-                    picked = delta[[u - start for u in rows]]
-                else:  # out held only the needed sources
-                    picked = out if self.ablated is None else out - self.ablated[rows]
-                self.buf[first : first + len(rows)] = picked
-        self._running = self._running + total_delta
-        self.prefix[stop] = self._running
-
-    def inputs(self, x: torch.Tensor, n_before: int, cols: slice, single: bool = False):
-        """The inputs of a block of destinations reading sources ``:n_before``.
-
-        Returns ``[n_cols, b, p, d]`` (``[b, p, d]`` with ``single``), or in sparse mode
-        ``(base [b, p, d], own_cols LongTensor [k], own [k, b, p, d])``: every destination not in
-        ``own_cols`` reads ``base``, the fully patched input.
-        """
-        if self.mode == "sparse":
-            base = x - self.prefix[n_before]
-            m = bisect.bisect_left(self._needed, n_before)  # compact rows of sources before the block
-            keep = self.keep[:m, cols] if self.keep.dim() == 2 else self.keep[:, :m, cols]
-            own_cols = _nonzero_rows(keep.transpose(-1, -2))
-            if single:
-                return base if len(own_cols) == 0 else base + _sparse_weighted_sum(self.buf[:m], keep)[0]
-            own = base[None] + _sparse_weighted_sum(self.buf[:m], keep[..., own_cols])
-            return base, own_cols, own
-        inv = _cols(self.inv, n_before, cols)
-        if self.mode == "dense":
-            rows = _nonzero_rows(inv)
-            term = _weighted_sum(self.buf[rows], inv[rows] if inv.dim() == 2 else inv[:, rows])
-        else:
-            term = 0
-            for start, delta in self.chunks:
-                if start >= n_before:
-                    break
-                stop = min(start + delta.shape[0], n_before)
-                rows_inv = self.inv[start:stop, cols] if self.inv.dim() == 2 else self.inv[:, start:stop, cols]
-                term = term + _weighted_sum(delta[: stop - start], rows_inv)
-        out = x[None] - term
-        return out[0] if single else out

@@ -65,8 +65,9 @@ def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dic
     sets = metrics.get("sets", {})
     last = sets[list(sets)[-1]] if sets else {}
     summary = {"model": rep.get("model"), "command": rep.get("command"), "relation(s)": rep.get("relation") or
-               ", ".join(rep.get("relations", [])), "method": rep.get("method"), "metric": rep.get("metric"),
-               "ablation": rep.get("ablation"), "answer scoring": rep.get("answer_scoring"),
+               ", ".join(rep.get("relations", [])), "method": rep.get("attribution", {}).get("method"),
+               "metric": rep.get("scoring", {}).get("metric"), "ablation": rep.get("scoring", {}).get("ablation"),
+               "answer scoring": rep.get("scoring", {}).get("answer_scoring"), "weights": rep.get("weights"),
                "edges in graph": graph.n_edges, "edges in circuit": circuit.n_edges,
                "nodes in circuit": len(circuit.nodes())}
     if last:

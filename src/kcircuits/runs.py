@@ -31,14 +31,21 @@ class RunFolder:
         if cfg_file.exists():
             try:
                 old = read_json(cfg_file)
-            except (json.JSONDecodeError, OSError):
-                old = None
-            if old is not None and old.get("reproduce") != config.get("reproduce"):
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+                raise KcircuitsError(
+                    f"{cfg_file} cannot be read ({type(exc).__name__}), so it is unclear which run the folder "
+                    "holds; pass another --out folder, or delete the folder to start over"
+                ) from None
+            if not isinstance(old, dict) or old.get("reproduce") != config.get("reproduce"):
                 raise KcircuitsError(
                     f"{self.path} holds a run with a different configuration; pass another --out folder or delete it"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_file, config)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg_file, config)
+        except OSError as exc:
+            raise KcircuitsError(f"cannot write the run folder {self.path}: {exc.strerror or exc}; "
+                                 "pass a writable --out folder") from None
 
     def file(self, name: str) -> Path:
         return self.path / name

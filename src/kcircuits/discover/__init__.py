@@ -1,5 +1,9 @@
-"""Circuit discovery methods (one module each)."""
+"""Circuit discovery methods, one module each, registered in :mod:`kcircuits.discover.registry`.
 
-from kcircuits.discover.eap import METHODS, attribute
+Importing this package is cheap (the registry imports no torch); ``registry.load_all()`` imports
+the method modules when a method is needed.
+"""
 
-__all__ = ["METHODS", "attribute"]
+from kcircuits.discover.registry import METHODS, DiscoveryMethod, get_method, load_all, register
+
+__all__ = ["METHODS", "DiscoveryMethod", "get_method", "load_all", "register"]

@@ -27,6 +27,7 @@ from kcircuits.ablation import ablated_acts, ablated_input, check_ablation
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine, RunResult
 from kcircuits.errors import KcircuitsError
+from kcircuits.discover.registry import register
 from kcircuits.metrics import Metric, check_finite, get_metric
 
 METHODS = ("eap", "eap-ig", "clean-corrupted")
@@ -53,7 +54,7 @@ class _DestinationWeights:
     def __init__(self, engine: Engine):
         self.weights, self.row_sums = [], []
         for blk in engine.w.blocks:
-            per_group = [W for _, W, _ in engine._dest_groups(blk.attn)]  # q, k, v destination rows
+            per_group = [group.weight for group in engine.dest_groups(blk.attn)]  # q, k, v destination rows
             W = (torch.cat(per_group) * blk.ln1.weight).detach().float().contiguous()
             self.weights.append(W)
             self.row_sums.append(W.sum(-1))
@@ -181,3 +182,17 @@ def attribute(
             on_batch(index, layout, scores)
     bar.close()
     return scores * g.edge_exists().to(scores.device)
+
+
+def _register(name: str, summary: str) -> None:
+    @register(name, summary, output="scores", resumable=True)
+    def find(engine: Engine, batches: Sequence[Batch], *, scoring, attribution, mean: torch.Tensor | None = None,
+             progress: bool = True, resume=None, on_batch=None) -> torch.Tensor:
+        return attribute(engine, list(batches), method=name, metric=scoring.metric, steps=attribution.steps,
+                         ablation=scoring.ablation, mean=mean, progress=progress, resume=resume, on_batch=on_batch)
+
+
+for _name, _summary in (("eap", "edge attribution patching: one gradient at the clean input"),
+                        ("eap-ig", "EAP with integrated gradients over --steps points from the ablated input"),
+                        ("clean-corrupted", "the mean of the gradients at the clean and at the ablated input")):
+    _register(_name, _summary)

@@ -31,7 +31,7 @@ from kcircuits.influence.corpus import (
 )
 from kcircuits.influence.sequences import Sequences
 from kcircuits.io import read_json
-from kcircuits.models import LoadedModel, load_model
+from kcircuits.models import LoadedModel, eval_mode, load_model
 from kcircuits.report import write_report
 from kcircuits.runs import RunFolder, default_run_dir
 
@@ -151,7 +151,7 @@ def _check(strategy: str, allowed: tuple[str, ...], batch_size: int, max_length:
 
 
 def _environment() -> dict:
-    from kcircuits.api import _environment as env
+    from kcircuits.pipeline import environment as env
 
     return env()
 
@@ -184,9 +184,10 @@ def fit(model: str | LoadedModel = "smollm2-135m", corpus: str | Path | Sequence
     run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device)})
     start = time.perf_counter()
     torch.manual_seed(seed)
-    factors = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy=strategy, fisher=fisher,
-                          batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
-                          checkpoint_seconds=checkpoint_seconds, progress=progress)
+    with eval_mode(lm.hf_model):  # the HF forward must not see dropout; the caller's mode is restored
+        factors = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy=strategy, fisher=fisher,
+                              batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
+                              checkpoint_seconds=checkpoint_seconds, progress=progress)
     info = {"strategy": strategy, "fisher": fisher, "n_sequences": len(train.seqs),
             "n_tokens": int(train.seqs.attention_mask.sum()), "modules": list(factors.modules),
             "fit_s": time.perf_counter() - start}
@@ -394,9 +395,10 @@ def _factors(lm, train: Data, strategy: str, fisher: str, damping, factor_dir: P
     if factor_dir is not None:
         fac = Factors.load(factor_dir)
     else:
-        fac = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy="kfac" if lissa_heuristic else strategy,
-                          fisher=fisher, batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
-                          checkpoint_seconds=checkpoint_seconds, progress=progress)
+        with eval_mode(lm.hf_model):
+            fac = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy="kfac" if lissa_heuristic else strategy,
+                              fisher=fisher, batch_size=batch_size, seed=seed, include=include,
+                              folder=run.file("factors"), checkpoint_seconds=checkpoint_seconds, progress=progress)
     timings["factors_s"] = time.perf_counter() - t0
     return fac
 
@@ -404,7 +406,8 @@ def _factors(lm, train: Data, strategy: str, fisher: str, damping, factor_dir: P
 def _pairwise(lm: LoadedModel, queries: Sequences, train: Sequences, **kwargs):
     from kcircuits.influence.scores import pairwise_scores
 
-    return pairwise_scores(lm.hf_model, queries.to(lm.device), train.to(lm.device), **kwargs)
+    with eval_mode(lm.hf_model):
+        return pairwise_scores(lm.hf_model, queries.to(lm.device), train.to(lm.device), **kwargs)
 
 
 def _json_damping(damping) -> dict:

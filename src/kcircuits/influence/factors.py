@@ -90,12 +90,26 @@ class Factors:
         meta = read_json(folder / "factors.json")
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         if (folder / "factors.safetensors").exists():
-            for key, value in load_tensors(folder / "factors.safetensors").items():
+            for key, value in _load_fresh(folder / "factors.safetensors").items():
                 module, kind = key.split("::")
                 tensors.setdefault(module, {})[kind] = value
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         return cls(meta["strategy"], meta["fisher"], meta["modules"], meta["n_tokens"], meta["n_sequences"],
                    shapes, tensors, meta.get("config", {}))
+
+
+def _load_fresh(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, each copied into its own contiguous allocation.
+
+    Why: safetensors' buffers need not be 64-byte aligned, while tensors computed in memory sit
+    in torch's 64-byte-aligned allocations, and MKL documents that its kernels may round
+    differently for differently aligned operands. A resumed fit must compute with operands laid out
+    exactly like an uninterrupted one to be bit-identical. Copies one tensor at a time, so the peak
+    memory is the file plus its largest tensor."""
+    tensors = load_tensors(path)
+    for key in list(tensors):
+        tensors[key] = tensors[key].clone(memory_format=torch.contiguous_format)
+    return tensors
 
 
 def data_fingerprint(seqs: Sequences) -> str:
@@ -140,7 +154,7 @@ class _State:
         if saved["config"] != config:
             raise KcircuitsError(f"{folder} holds a factor fit with another configuration; use a new folder or delete "
                                  f"{cls.FILE} there")
-        state.sums = load_tensors(folder / cls.FILE)
+        state.sums = _load_fresh(folder / cls.FILE)
         state.done, state.next_batch, state.n_tokens = saved["done"], saved["next_batch"], saved["n_tokens"]
         return state
 
@@ -254,7 +268,11 @@ def _eigen(state: _State, modules) -> dict[str, tuple[torch.Tensor, torch.Tensor
                 if not torch.isfinite(cov).all():
                     raise KcircuitsError(f"NaN/inf in the {kind} covariance of {n}; check the model weights and dtype")
                 evals, evecs = torch.linalg.eigh(cov)
-                state.sums[f"{n}::e{kind}"], state.sums[f"{n}::Q{kind}"] = evals.clamp_min(0), evecs
+                # eigh returns the eigenvectors column-major (a transposed view); a checkpoint stores
+                # them row-major. Store them row-major here too: MKL's gemm may round a transposed
+                # operand differently, and the eigen pass must multiply by the same operands whether or
+                # not the fit was resumed (see _load_fresh).
+                state.sums[f"{n}::e{kind}"], state.sums[f"{n}::Q{kind}"] = evals.clamp_min(0), evecs.contiguous()
         out[n] = (state.sums[f"{n}::QS"], state.sums[f"{n}::QA"])
     return out
 

@@ -107,50 +107,55 @@ def component_blocks(model: torch.nn.Module) -> dict[str, dict[str, tuple[Index,
     Naming follows :class:`kcircuits.graph.Graph`: ``a{l}.h{h}`` is head h of layer l (its W_Q rows,
     its kv group's W_K and W_V rows under grouped-query attention, its W_O columns); ``m{l}`` is the
     whole MLP of layer l. Bias entries follow their rows (q/k/v biases belong to the head; the
-    output projection's bias is shared and belongs to no head). Layouts match
-    :mod:`kcircuits.models.adapters`: GPT-2 ``c_attn`` is ``q|k|v`` along d_out (non-contiguous per
-    head, so an index tensor), GPT-NeoX ``query_key_value`` rows are ``[H, 3, e]`` (contiguous per
-    head), Llama/Qwen2/Mistral have separate projections.
+    output projection's bias is shared and belongs to no head). The blocks come from the model's
+    :class:`~kcircuits.models.layout.ParameterLayout` (the one description of each family's
+    layout), translated into the gradient-matrix convention ``[d_out, d_in (+1)]`` of the tracked
+    modules: e.g. GPT-2's ``c_attn`` rows of one head are ``q|k|v`` ranges ``d`` apart (an index
+    tensor), GPT-NeoX's are one contiguous range.
     """
-    from kcircuits.models.adapters import check_supported
+    from kcircuits.models.layout import parameter_layout
 
-    family = check_supported(model.config)
-    cfg = model.config
+    layout = parameter_layout(model)
     modules = tracked_modules(model)
-    blocks: dict[str, dict[str, tuple[Index, Index]]] = {}
-    for name in modules:
-        layer = module_layer(name)
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2]
-        if parent == "mlp":
-            blocks.setdefault(f"m{layer}", {})[name] = (None, None)
-            continue
-        for head, sel in _head_blocks(family, cfg, leaf):
-            blocks.setdefault(f"a{layer}.h{head}", {})[name] = sel
-    return blocks
+    out: dict[str, dict[str, tuple[Index, Index]]] = {}
+    for node in layout.nodes(("head", "mlp")):
+        per_module: dict[str, list] = {}
+        for b in layout.blocks(node):
+            per_module.setdefault(b.param_name.rsplit(".", 1)[0], []).append(b)
+        sel = {name: _matrix_selection(modules[name], per_module[name]) for name in modules if name in per_module}
+        if sel:
+            out[node] = sel
+    return out
 
 
-def _head_blocks(family: str, cfg, leaf: str) -> list[tuple[int, tuple[Index, Index]]]:
-    """(head, (rows, cols)) for one attention module of the given family."""
-    if family == "gpt2":
-        H, d = cfg.n_head, cfg.n_embd
-        e = d // H
-        if leaf == "c_attn":
-            return [(h, (torch.cat([torch.arange(o + h * e, o + (h + 1) * e) for o in (0, d, 2 * d)]), None))
-                    for h in range(H)]
-        return [(h, (None, slice(h * e, (h + 1) * e))) for h in range(H)]  # c_proj: columns
-    if family == "gpt_neox":
-        H = cfg.num_attention_heads
-        e = cfg.hidden_size // H
-        if leaf == "query_key_value":
-            return [(h, (slice(3 * e * h, 3 * e * (h + 1)), None)) for h in range(H)]
-        return [(h, (None, slice(h * e, (h + 1) * e))) for h in range(H)]  # dense
-    H = cfg.num_attention_heads
-    K = cfg.num_key_value_heads or H
-    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    group = H // K
-    if leaf == "q_proj":
-        return [(h, (slice(h * e, (h + 1) * e), None)) for h in range(H)]
-    if leaf in ("k_proj", "v_proj"):
-        return [(h, (slice((h // group) * e, (h // group + 1) * e), None)) for h in range(H)]
-    return [(h, (None, slice(h * e, (h + 1) * e))) for h in range(H)]  # o_proj
+def _matrix_selection(module: torch.nn.Module, blocks: list) -> tuple[Index, Index]:
+    """One module's (rows, cols) in the ``[d_out, d_in (+1)]`` convention from a node's layout blocks.
+
+    The weight blocks give the rows (their out-ranges, in order) and the input columns; the bias
+    column is included exactly when the node owns the bias entries of those rows."""
+    d_out, d_cols = matrix_shape(module)
+    weights = [b.matrix_index() for b in blocks if b.role.startswith("W")]
+    owns_bias = any(b.role.startswith("b") for b in blocks)
+    if not weights:
+        raise KcircuitsError(f"a component owns bias entries of {module} but none of its weights")
+    ins = {None if i is None else (i.start, i.stop) for _, i in weights}
+    if len(ins) != 1:
+        raise KcircuitsError("a component's weight blocks of one module must share their input columns")
+    cols = weights[0][1]
+    rows = _join([o for o, _ in weights], d_out)
+    has_bias = module.bias is not None
+    if has_bias and cols is None and not owns_bias:
+        cols = slice(0, d_cols - 1)  # every input column but not the bias column
+    elif has_bias and cols is not None and owns_bias:
+        start, stop, _ = cols.indices(d_cols - 1)
+        cols = torch.cat([torch.arange(start, stop), torch.tensor([d_cols - 1])])
+    return rows, cols
+
+
+def _join(ranges: list, size: int) -> Index:
+    """Concatenate row ranges: one slice (None for everything) when adjacent, else an index tensor."""
+    bounds = [slice(None).indices(size)[:2] if r is None else r.indices(size)[:2] for r in ranges]
+    if all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+        start, stop = bounds[0][0], bounds[-1][1]
+        return None if (start, stop) == (0, size) else slice(start, stop)
+    return torch.cat([torch.arange(start, stop) for start, stop in bounds])

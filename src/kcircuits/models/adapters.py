@@ -1,38 +1,81 @@
 """One adapter per architecture family: Hugging Face module tree -> :class:`ModelWeights`.
 
-Adding a family means writing one function here that finds the weights and says how they are
-laid out; the engine and everything above it stay untouched. Each adapter is verified against
-the HF forward pass on a tiny random config in ``tests/test_adapters.py``.
+Which parameter rows and columns make up ``W_Q``, ``W_K``, ... is not decided here: it is read from
+the family's :class:`~kcircuits.models.layout.ParameterLayout` (the one place that knows each
+family's layout), by gathering the per-head blocks. An adapter adds only what the layout does not
+say: norm kinds and epsilons, the attention scale, the activation, rotary embeddings, and whether
+the block is parallel. Adding a family means one layout function and one function here. Each
+adapter is verified against the HF forward pass on a tiny random config in ``tests/test_adapters.py``.
+
+The tensors are *views* of the HF parameters (detached, so the engine never builds a graph into
+the HF model), except where the layout makes a view impossible (GPT-NeoX's per-head interleaved
+q/k/v): those are copies that :meth:`ModelWeights.refresh` recomputes after an in-place edit.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 from transformers.activations import ACT2FN
 
-from kcircuits.errors import KcircuitsError
+from kcircuits.models.families import MODEL_TYPES, check_supported, supported_model_types
+from kcircuits.models.layout import ParameterLayout, ParamBlock, gather, parameter_layout
 from kcircuits.models.weights import MLP, Attention, Block, ModelWeights, Norm, Rotary
 
-#: HF ``config.model_type`` -> adapter family.
-MODEL_TYPES: dict[str, str] = {
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "smollm3": "llama",
-}
+__all__ = ["MODEL_TYPES", "adapt", "check_supported", "live_weights", "supported_model_types"]
+
+#: HF model -> weak references to the ModelWeights adapted from it that hold copies (see ``live_weights``)
+_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[weakref.ref[ModelWeights]]]" = weakref.WeakKeyDictionary()
 
 
-def _layer_norm(module: torch.nn.Module) -> Norm:
-    return Norm("layer", module.weight, module.bias, float(module.eps))
+class _Reader:
+    """Reads role tensors of a layout out of detached views of the HF parameters, remembering copies."""
 
+    def __init__(self, hf: torch.nn.Module, layout: ParameterLayout):
+        self.layout = layout
+        self.params = {n: p.detach() for n, p in hf.named_parameters()}
+        self.copies: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
 
-def _rms_norm(module: torch.nn.Module) -> Norm:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    return Norm("rms", module.weight, None, float(eps))
+    def take(self, nodes: list[str], role: str) -> torch.Tensor | None:
+        """The ``role`` blocks of ``nodes`` gathered into one ``[d_out, d_in]`` tensor (None if absent)."""
+        blocks = self.layout.role_blocks([n for n in nodes if n in self.layout], role)
+        if not blocks:
+            return None
+        tensor, is_view = gather(blocks, self.params)
+        if not is_view:
+            self.copies.append((tensor, self._recompute(blocks)))
+        return tensor
+
+    def _recompute(self, blocks: list[ParamBlock]) -> Callable[[], torch.Tensor]:
+        return lambda: gather(blocks, self.params)[0]
+
+    def norm(self, node: str, module: torch.nn.Module, kind: str) -> Norm:
+        if kind == "layer":
+            eps = module.eps
+        else:
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        return Norm(kind, self.take([node], "norm_w"), self.take([node], "norm_b"), float(eps))
+
+    def attention(self, layer: int, scale: float) -> Attention:
+        lay, heads = self.layout, self.layout.heads(layer)
+        return Attention(
+            W_Q=self.take(heads, "W_Q"), W_K=self.take(heads, "W_K"), W_V=self.take(heads, "W_V"),
+            W_O=self.take(heads, "W_O"), b_Q=self.take(heads, "b_Q"), b_K=self.take(heads, "b_K"),
+            b_V=self.take(heads, "b_V"), b_O=self.take([f"a{layer}.b_O"], "b_O"),
+            n_heads=lay.n_heads, n_kv_heads=lay.n_kv_heads, head_dim=lay.head_dim, scale=scale,
+        )
+
+    def mlp(self, layer: int, act: Callable[[torch.Tensor], torch.Tensor]) -> MLP:
+        node = [f"m{layer}"]
+        return MLP(W_in=self.take(node, "W_in"), b_in=self.take(node, "b_in"), W_gate=self.take(node, "W_gate"),
+                   b_gate=self.take(node, "b_gate"), W_out=self.take(node, "W_out"), b_out=self.take(node, "b_out"),
+                   act=act)
+
+    def finish(self, family: str, rotary: Rotary | None, blocks: list[Block], ln_final: Norm) -> ModelWeights:
+        return ModelWeights(family, self.take(["input"], "W_E"), self.take(["input"], "W_pos"), rotary, blocks,
+                            ln_final, self.take(["logits"], "W_U"), self.take(["logits"], "b_U"), copies=self.copies)
 
 
 def _rotary_from_hf(rotary_module: torch.nn.Module, dim: int, probe: torch.Tensor) -> Rotary:
@@ -50,104 +93,63 @@ def _act(config) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-def _gpt2(hf) -> ModelWeights:
-    cfg, tr = hf.config, hf.transformer
-    d, H = cfg.n_embd, cfg.n_head
-    e = d // H
+def _gpt2(hf, r: _Reader) -> ModelWeights:
+    cfg = hf.config
+    e = r.layout.head_dim
     blocks = []
-    for i, blk in enumerate(tr.h):
-        # GPT-2's Conv1D stores [d_in, d_out]; the transpose is a view, not a copy.
-        w_qkv, b_qkv = blk.attn.c_attn.weight.T, blk.attn.c_attn.bias
+    for i, blk in enumerate(hf.transformer.h):
         scale = e**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(i + 1)
-        attn = Attention(
-            W_Q=w_qkv[:d], W_K=w_qkv[d : 2 * d], W_V=w_qkv[2 * d :], W_O=blk.attn.c_proj.weight.T,
-            b_Q=b_qkv[:d], b_K=b_qkv[d : 2 * d], b_V=b_qkv[2 * d :], b_O=blk.attn.c_proj.bias,
-            n_heads=H, n_kv_heads=H, head_dim=e, scale=scale,
-        )
-        mlp = MLP(W_in=blk.mlp.c_fc.weight.T, b_in=blk.mlp.c_fc.bias, W_out=blk.mlp.c_proj.weight.T,
-                  b_out=blk.mlp.c_proj.bias, act=_act(cfg))
-        blocks.append(Block(_layer_norm(blk.ln_1), attn, _layer_norm(blk.ln_2), mlp, parallel=False))
-    return ModelWeights("gpt2", tr.wte.weight, tr.wpe.weight, None, blocks, _layer_norm(tr.ln_f),
-                        hf.lm_head.weight, None)
+        blocks.append(Block(r.norm(f"a{i}.ln", blk.ln_1, "layer"), r.attention(i, scale),
+                            r.norm(f"m{i}.ln", blk.ln_2, "layer"), r.mlp(i, _act(cfg)), parallel=False))
+    return r.finish("gpt2", None, blocks, r.norm("ln_final", hf.transformer.ln_f, "layer"))
 
 
-def _gpt_neox(hf) -> ModelWeights:
+def _gpt_neox(hf, r: _Reader) -> ModelWeights:
     cfg, base = hf.config, hf.gpt_neox
-    d, H = cfg.hidden_size, cfg.num_attention_heads
-    e = d // H
-    blocks = []
-    for blk in base.layers:
-        a = blk.attention
-        # Fused qkv is laid out per head: rows [H, 3, e] -> q, k, v.
-        w = a.query_key_value.weight.view(H, 3, e, d)
-        b = a.query_key_value.bias
-        b = b.view(H, 3, e) if b is not None else None
-        attn = Attention(
-            W_Q=w[:, 0].reshape(H * e, d), W_K=w[:, 1].reshape(H * e, d), W_V=w[:, 2].reshape(H * e, d),
-            W_O=a.dense.weight,
-            b_Q=None if b is None else b[:, 0].reshape(-1), b_K=None if b is None else b[:, 1].reshape(-1),
-            b_V=None if b is None else b[:, 2].reshape(-1), b_O=a.dense.bias,
-            n_heads=H, n_kv_heads=H, head_dim=e, scale=e**-0.5,
-        )
-        mlp = MLP(W_in=blk.mlp.dense_h_to_4h.weight, b_in=blk.mlp.dense_h_to_4h.bias,
-                  W_out=blk.mlp.dense_4h_to_h.weight, b_out=blk.mlp.dense_4h_to_h.bias, act=_act(cfg))
-        blocks.append(Block(_layer_norm(blk.input_layernorm), attn, _layer_norm(blk.post_attention_layernorm),
-                            mlp, parallel=bool(cfg.use_parallel_residual)))
+    e = r.layout.head_dim
+    blocks = [Block(r.norm(f"a{i}.ln", blk.input_layernorm, "layer"), r.attention(i, e**-0.5),
+                    r.norm(f"m{i}.ln", blk.post_attention_layernorm, "layer"), r.mlp(i, _act(cfg)),
+                    parallel=bool(cfg.use_parallel_residual))
+              for i, blk in enumerate(base.layers)]
     rot_dim = base.layers[0].attention.rotary_ndims
-    rotary = _rotary_from_hf(base.rotary_emb, rot_dim, base.embed_in.weight[:1])
-    return ModelWeights("gpt_neox", base.embed_in.weight, None, rotary, blocks, _layer_norm(base.final_layer_norm),
-                        hf.get_output_embeddings().weight, None)
+    rotary = _rotary_from_hf(base.rotary_emb, rot_dim, base.embed_in.weight.detach()[:1])
+    return r.finish("gpt_neox", rotary, blocks, r.norm("ln_final", base.final_layer_norm, "layer"))
 
 
-def _llama(hf) -> ModelWeights:
+def _llama(hf, r: _Reader) -> ModelWeights:
     cfg, base = hf.config, hf.model
-    H, K = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    blocks = []
-    for blk in base.layers:
-        a = blk.self_attn
-        attn = Attention(
-            W_Q=a.q_proj.weight, W_K=a.k_proj.weight, W_V=a.v_proj.weight, W_O=a.o_proj.weight,
-            b_Q=a.q_proj.bias, b_K=a.k_proj.bias, b_V=a.v_proj.bias, b_O=a.o_proj.bias,
-            n_heads=H, n_kv_heads=K, head_dim=e, scale=float(getattr(a, "scaling", e**-0.5)),
-        )
-        m = blk.mlp
-        mlp = MLP(W_in=m.up_proj.weight, b_in=m.up_proj.bias, W_gate=m.gate_proj.weight, b_gate=m.gate_proj.bias,
-                  W_out=m.down_proj.weight, b_out=m.down_proj.bias, act=_act(cfg))
-        blocks.append(Block(_rms_norm(blk.input_layernorm), attn, _rms_norm(blk.post_attention_layernorm),
-                            mlp, parallel=False))
-    rotary = _rotary_from_hf(base.rotary_emb, e, base.embed_tokens.weight[:1])
-    return ModelWeights("llama", base.embed_tokens.weight, None, rotary, blocks, _rms_norm(base.norm),
-                        hf.lm_head.weight, getattr(hf.lm_head, "bias", None))
+    e = r.layout.head_dim
+    blocks = [Block(r.norm(f"a{i}.ln", blk.input_layernorm, "rms"),
+                    r.attention(i, float(getattr(blk.self_attn, "scaling", e**-0.5))),
+                    r.norm(f"m{i}.ln", blk.post_attention_layernorm, "rms"), r.mlp(i, _act(cfg)), parallel=False)
+              for i, blk in enumerate(base.layers)]
+    rotary = _rotary_from_hf(base.rotary_emb, e, base.embed_tokens.weight.detach()[:1])
+    return r.finish("llama", rotary, blocks, r.norm("ln_final", base.norm, "rms"))
 
 
-_ADAPTERS: dict[str, Callable] = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama}
+_ADAPTERS: dict[str, Callable[..., ModelWeights]] = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama}
 
 
-def supported_model_types() -> list[str]:
-    return sorted(MODEL_TYPES)
+def adapt(hf_model: torch.nn.Module, layout: ParameterLayout | None = None) -> ModelWeights:
+    """Map a loaded HF causal LM onto :class:`ModelWeights` (detached views of its parameters).
 
-
-def check_supported(config) -> str:
-    """Return the adapter family for an HF config, or raise a clear error naming what is supported."""
-    model_type = getattr(config, "model_type", None)
-    family = MODEL_TYPES.get(model_type)
-    if family is None:
-        raise KcircuitsError(
-            f"unsupported architecture {model_type!r}: kcircuits supports the model types "
-            f"{', '.join(supported_model_types())} (GPT-2, Pythia/GPT-NeoX, Llama/TinyLlama/SmolLM/Mistral/Qwen2)"
-        )
-    if family == "llama":
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
-            raise KcircuitsError("sliding-window attention is not supported; load the model with use_sliding_window=False")
-        if (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
-            raise KcircuitsError("partial rotary embeddings are only supported for gpt_neox models")
-    return family
-
-
-def adapt(hf_model) -> ModelWeights:
-    """Map a loaded HF causal LM onto :class:`ModelWeights` (views of its parameters)."""
+    ``layout``: the model's :func:`~kcircuits.models.layout.parameter_layout`, if already built.
+    The HF model itself is not changed (no flag, mode or parameter)."""
     family = check_supported(hf_model.config)
-    return _ADAPTERS[family](hf_model)
+    layout = layout or parameter_layout(hf_model)
+    weights = _ADAPTERS[family](hf_model, _Reader(hf_model, layout))
+    if weights.copies:
+        _LIVE.setdefault(hf_model, []).append(weakref.ref(weights))
+    return weights
+
+
+def live_weights(hf_model: torch.nn.Module) -> list[ModelWeights]:
+    """The still-alive ModelWeights adapted from ``hf_model`` that hold copies (they need
+    :meth:`ModelWeights.refresh` after an in-place change of the HF parameters)."""
+    refs = _LIVE.get(hf_model, [])
+    alive = [w for w in (ref() for ref in refs) if w is not None]
+    if hf_model in _LIVE:
+        _LIVE[hf_model] = [weakref.ref(w) for w in alive]
+    return alive

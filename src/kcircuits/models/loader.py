@@ -17,6 +17,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch
 
 from kcircuits.errors import KcircuitsError
 from kcircuits.models.adapters import adapt, check_supported
+from kcircuits.models.layout import ParameterLayout, parameter_layout
 from kcircuits.models.weights import ModelWeights
 
 BUNDLED = {
@@ -40,7 +43,12 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass
 class LoadedModel:
-    """A model ready for the engine: uniform weights, the tokenizer, and the HF model they view."""
+    """A model ready for the engine: uniform weights, the tokenizer, and the HF model they view.
+
+    ``layout`` says which parameter blocks belong to which component (built from ``hf_model`` when
+    not given); :attr:`fingerprint` hashes the weights actually used (see
+    :func:`kcircuits.models.fingerprint.weights_fingerprint`).
+    """
 
     name: str
     weights: ModelWeights
@@ -48,10 +56,22 @@ class LoadedModel:
     hf_model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    layout: ParameterLayout = None  # type: ignore[assignment]  # filled by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = parameter_layout(self.hf_model)
 
     @property
     def config(self):
         return self.hf_model.config
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hex hash of the current weights (cached until a parameter changes in place)."""
+        from kcircuits.models.fingerprint import weights_fingerprint
+
+        return weights_fingerprint(self)
 
     @property
     def pad_token_id(self) -> int:
@@ -212,15 +232,34 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     except Exception as exc:
         raise _load_error(f"could not load the weights or tokenizer of {name_or_path!r}", exc, local) from None
-    hf.to(dev).eval()
+    # This model is ours: no dropout, and no gradient buffers unless a caller asks for them (the
+    # influence code switches requires_grad on for the modules it tracks and back off after).
+    hf.to(dev).eval().requires_grad_(False)
     return from_hf(hf, tokenizer, name=name_or_path)
 
 
 def from_hf(hf_model: torch.nn.Module, tokenizer=None, name: str = "custom") -> LoadedModel:
-    """Wrap an already loaded HF model (for example a tiny random one in tests)."""
-    hf_model.eval()
-    weights = adapt(hf_model)
-    for p in hf_model.parameters():
-        p.requires_grad_(False)
+    """Wrap an already loaded HF model (for example a tiny random one in tests).
+
+    The caller's model is left exactly as it was: its ``requires_grad`` flags, its train/eval mode
+    and its parameters. Nothing here needs them changed: the engine runs its own functional forward
+    (no dropout) over *detached* views of the parameters, so no gradient reaches the HF model
+    whatever its flags. Code that runs the HF module's own forward (influence) should do so inside
+    :func:`eval_mode` if it must not see dropout.
+    """
+    layout = parameter_layout(hf_model)
+    weights = adapt(hf_model, layout)
     param = next(hf_model.parameters())
-    return LoadedModel(name, weights, tokenizer, hf_model, param.device, param.dtype)
+    return LoadedModel(name, weights, tokenizer, hf_model, param.device, param.dtype, layout)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``module`` in eval mode (no dropout) and restore every submodule's own mode on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -10,7 +10,7 @@ Shapes use: d = d_model, H = query heads, K = key/value heads, e = head dim, f =
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -90,13 +90,22 @@ class MLP:
     W_gate: torch.Tensor | None = None  # [f, d]
     b_gate: torch.Tensor | None = None  # [f]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x, self.W_in, self.b_in)
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's hidden activation ``[..., f]`` from its input ``x`` ``[..., d]``.
+
+        This is what the output projection reads (after the nonlinearity and the gate): the
+        "key" that ROME/MEMIT edit and that key statistics are collected over."""
+        pre = F.linear(x, self.W_in, self.b_in)
         if self.W_gate is not None:
-            hidden = self.act(F.linear(x, self.W_gate, self.b_gate)) * hidden
-        else:
-            hidden = self.act(hidden)
+            return self.act(F.linear(x, self.W_gate, self.b_gate)) * pre
+        return self.act(pre)
+
+    def out_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP's output ``[..., d]`` from its hidden activation ``[..., f]`` (the "value" side)."""
         return F.linear(hidden, self.W_out, self.b_out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_from_hidden(self.hidden(x))
 
 
 @dataclass
@@ -130,6 +139,15 @@ class Rotary:
 
 @dataclass
 class ModelWeights:
+    """Every weight the engine reads, as views of the HF parameters (detached: no gradient flows
+    back into the HF model, whatever its ``requires_grad`` flags).
+
+    A few tensors cannot be views (GPT-NeoX interleaves q/k/v per head, so ``W_Q`` gathered over
+    heads is a copy); the adapter lists them in ``copies`` as ``(tensor, recompute)`` and
+    :meth:`refresh` brings them up to date after an in-place change of the HF parameters
+    (:func:`kcircuits.models.edits.edited` calls it).
+    """
+
     family: str  # "gpt2" | "gpt_neox" | "llama"
     W_E: torch.Tensor  # [V, d]
     W_pos: torch.Tensor | None  # [n_ctx, d] (learned absolute positions) or None
@@ -138,6 +156,13 @@ class ModelWeights:
     ln_final: Norm
     W_U: torch.Tensor  # [V, d]
     b_U: torch.Tensor | None  # [V]
+    copies: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the tensors that are copies (not views) of the HF parameters, in place."""
+        for tensor, recompute in self.copies:
+            tensor.copy_(recompute())
 
     @property
     def n_layers(self) -> int:

@@ -10,10 +10,9 @@ Everything from the run is HTML-escaped; inline styles only (the page has no scr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from html import escape
 from typing import Any
 
-from kcircuits.report.html import _section, fmt_value, kv_table, records_table
+from kcircuits.report.base import Section, column_formatter, escape, fmt_value, kv_table, records_table
 
 #: queries shown in full; the rest are in influence.json
 MAX_QUERIES = 50
@@ -38,10 +37,11 @@ def highlight_tokens(pieces: Sequence[str], weights: Sequence[float] | None) -> 
 
 def _top_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = []
+    score_text = column_formatter([r["score"] for r in rows])  # one format for the column, so the scores line up
     for r in rows:
         text = highlight_tokens(r["pieces"], r.get("weights")) if r.get("pieces") else escape(str(r.get("text", "")))
         tops = ", ".join(f"{escape(repr(t['token']))} ({fmt_value(t['score'])})" for t in r.get("top_tokens", []))
-        body.append(f'<tr><td class="num">{r["rank"]}</td><td class="num">{escape(fmt_value(r["score"]))}</td>'
+        body.append(f'<tr><td class="num">{r["rank"]}</td><td class="num">{escape(score_text(r["score"]))}</td>'
                     f'<td><code>{escape(str(r["id"]))}</code></td><td>{text}'
                     + (f'<div style="color:#4b5563;font-size:.85em">top tokens: {tops}</div>' if tops else "")
                     + "</td></tr>")
@@ -63,8 +63,7 @@ def _query(q: Mapping[str, Any], top_k: int) -> str:
     return title + (kv_table(facts) if facts else "") + _top_table(q.get("top", []))
 
 
-def render_influence(report: Mapping[str, Any]) -> str:
-    """The section's HTML, or "" when the report has no ``influence`` key."""
+def _body(report: Mapping[str, Any]) -> str:
     inf = report.get("influence")
     if not isinstance(inf, Mapping):
         return ""
@@ -87,4 +86,15 @@ def render_influence(report: Mapping[str, Any]) -> str:
         vals = [float(v) for v in inf["damping"].values()]
         parts.append(f"<p>Damping λ per module: {len(vals)} modules, from {fmt_value(min(vals))} to "
                      f"{fmt_value(max(vals))} (all in influence.json).</p>")
-    return _section("influence", "Influence", "\n".join(parts))
+    return "\n".join(parts)
+
+
+INFLUENCE = Section("influence", "Influence", _body)
+
+#: this module's sections (the page order is :data:`kcircuits.report.html.PAGE`)
+SECTIONS: tuple[Section, ...] = (INFLUENCE,)
+
+
+def render_influence(report: Mapping[str, Any]) -> str:
+    """The section's HTML, or "" when the report has no ``influence`` key."""
+    return INFLUENCE.render(report)

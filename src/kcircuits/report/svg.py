@@ -1,6 +1,6 @@
-"""SVG drawings for the report: the circuit as a layered graph, and the faithfulness curve.
+"""SVG for the report: the drawing primitives every chart shares, and the circuit as a layered graph.
 
-Both functions return standalone SVG text (with the xmlns, so each one parses as XML and could be
+Every drawing is standalone SVG text (with the xmlns, so each one parses as XML and could be
 saved as a ``.svg`` file on its own). The report inlines them, so the page needs no scripts, fonts
 or network. Tooltips use SVG ``<title>`` elements, which every browser shows on hover without JS.
 
@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+
+from kcircuits.report.base import as_float, fmt_number
+
+__all__ = ["SVG_NS", "as_float", "circuit_svg", "fmt", "nice_step", "polyline", "segments", "svg_open"]
 
 SVG_NS = "http://www.w3.org/2000/svg"
 FONT = 'system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif'
@@ -49,24 +54,40 @@ def fmt(v: float) -> str:
     return "0" if s == "-0" else s
 
 
-def as_float(v: Any) -> float | None:
-    """A finite float, or None for None/NaN/inf/non-numbers: the plots skip such values."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _svg_open(cls: str, width: float, height: float, label: str) -> str:
+def svg_open(cls: str, width: float, height: float, label: str) -> str:
     """Opening tag: fixed viewBox, scales down on narrow screens but never up past its natural size."""
     return (
         f'<svg xmlns="{SVG_NS}" class="{cls}" viewBox="0 0 {fmt(width)} {fmt(height)}" '
         f'width="{fmt(width)}" height="{fmt(height)}" role="img" aria-label="{escape(label)}" '
         f'style="max-width:100%;height:auto" font-family="{escape(FONT)}">'
     )
+
+
+def nice_step(span: float, target: int = 6) -> float:
+    """A 1/2/2.5/5 x 10^k tick step giving about ``target`` ticks over ``span``."""
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * mag >= raw:
+            return m * mag
+    return 10 * mag
+
+
+def segments(pts: Iterable[tuple[float, float | None]]) -> list[list[tuple[float, float]]]:
+    """Split a series at missing values so lines break instead of bridging a gap."""
+    segs: list[list[tuple[float, float]]] = [[]]
+    for x, y in pts:
+        if y is None:
+            if segs[-1]:
+                segs.append([])
+        else:
+            segs[-1].append((x, y))
+    return [s for s in segs if s]
+
+
+def polyline(pts: Sequence[tuple[float, float]], sx: Callable[[float], float], sy: Callable[[float], float]) -> str:
+    """Path data through the points, mapped to pixels by ``sx``/``sy``."""
+    return "M" + "L".join(f"{fmt(sx(x))} {fmt(sy(y))}" for x, y in pts)
 
 
 # --------------------------------------------------------------------------- circuit: nodes
@@ -136,7 +157,7 @@ class _Edge:
 
 def _edge_label(src: str, dst: str, kind: str, raw: Any) -> str:
     f = as_float(raw)
-    score = f"{f:.4g}" if f is not None else "nan"
+    score = fmt_number(f) if f is not None else "nan"
     return f"{src} -> {dst} ({kind}): {score}" if kind else f"{src} -> {dst}: {score}"
 
 
@@ -353,7 +374,7 @@ def _legend(types: set[str], kinds: set[str], max_abs: float) -> list[str]:
                    f'stroke-width="2"{dash_attr}/>')
         out.append(f'<text class="lbl" x="{fmt(x + 27)}" y="{fmt(y)}">{label}</text>')
         x += 36 + 6.2 * len(label)
-    scale = f"width \u221d |score| (max {max_abs:.3g})" if max_abs > 0 else "width: no finite scores"
+    scale = f"width \u221d |score| (max {fmt_number(max_abs, '.3g')})" if max_abs > 0 else "width: no finite scores"
     out.append(f'<text class="lbl" x="{fmt(x)}" y="{fmt(y)}">{escape(scale)}</text>')
     return out
 
@@ -389,7 +410,7 @@ def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN) ->
     max_abs = max((abs(e.score) for e in edges if e.score is not None), default=0.0)
     opacity = _edge_opacity(len(edges))
     style = f"{_CIRCUIT_STYLE}.kc-circ .edge{{stroke-opacity:{opacity}}}.kc-circ .edge:hover{{stroke-opacity:1}}"
-    parts = [_svg_open("kc-circ", lay.width, lay.height, "circuit graph"), f"<style>{style}</style>"]
+    parts = [svg_open("kc-circ", lay.width, lay.height, "circuit graph"), f"<style>{style}</style>"]
     parts += _legend({n.type for n in nodes.values()}, {e.kind for e in edges}, max_abs)
     parts += _row_labels(lay)
     parts += _column_labels(lay)
@@ -399,157 +420,3 @@ def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN) ->
     parts += [_node_shape(lay, n, deg_in.get(n.name, 0), deg_out.get(n.name, 0)) for n in nodes.values()]
     parts.append("</g></svg>")
     return "\n".join(parts), "; ".join(notes)
-
-
-# --------------------------------------------------------------------------- curve plot
-def _nice_step(span: float, target: int = 6) -> float:
-    """A 1/2/2.5/5 x 10^k tick step giving about ``target`` ticks over ``span``."""
-    raw = span / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * mag >= raw:
-            return m * mag
-    return 10 * mag
-
-
-def _segments(pts: Iterable[tuple[float, float | None]]) -> list[list[tuple[float, float]]]:
-    """Split a series at missing values so lines break instead of bridging a gap."""
-    segs: list[list[tuple[float, float]]] = [[]]
-    for x, y in pts:
-        if y is None:
-            if segs[-1]:
-                segs.append([])
-        else:
-            segs[-1].append((x, y))
-    return [s for s in segs if s]
-
-
-def _series(xs: Sequence[float | None], ys: Any) -> list[tuple[float, float | None]]:
-    """Pair x with y, dropping points whose x cannot go on a log axis."""
-    ys = list(ys or [])
-    return [(x, as_float(ys[i]) if i < len(ys) else None) for i, x in enumerate(xs) if x is not None and x > 0]
-
-
-def _polyline(pts: list[tuple[float, float]], sx: Any, sy: Any) -> str:
-    return "M" + "L".join(f"{fmt(sx(x))} {fmt(sy(y))}" for x, y in pts)
-
-
-@dataclass
-class _Plot:
-    """Plot-area geometry and the log-x / linear-y scales."""
-
-    w: float = 720.0
-    h: float = 380.0
-    left: float = 56.0
-    right: float = 18.0
-    top: float = 34.0
-    bottom: float = 48.0
-    lx0: float = -1.0
-    lx1: float = 2.0
-    y0: float = 0.0
-    y1: float = 1.0
-
-    def sx(self, x: float) -> float:
-        return self.left + (math.log10(x) - self.lx0) / (self.lx1 - self.lx0) * (self.w - self.left - self.right)
-
-    def sy(self, y: float) -> float:
-        return self.h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.h - self.top - self.bottom)
-
-
-def _curve_axes(p: _Plot, ticks_x: list[float], ticks_y: list[float]) -> list[str]:
-    """Grid, ticks (labels thinned where they would collide) and axis titles."""
-    out = []
-    x_lo, x_hi, y_lo, y_hi = p.left, p.w - p.right, p.top, p.h - p.bottom
-    for t in ticks_y:
-        y = p.sy(t)
-        out.append(f'<line class="grid" x1="{fmt(x_lo)}" y1="{fmt(y)}" x2="{fmt(x_hi)}" y2="{fmt(y)}"/>')
-        out.append(f'<text class="sm" x="{fmt(x_lo - 6)}" y="{fmt(y + 3.5)}" text-anchor="end">{t:g}</text>')
-    last = -1e9
-    for t in ticks_x:
-        x = p.sx(t)
-        out.append(f'<line class="grid" x1="{fmt(x)}" y1="{fmt(y_lo)}" x2="{fmt(x)}" y2="{fmt(y_hi)}"/>')
-        out.append(f'<line class="ax" x1="{fmt(x)}" y1="{fmt(y_hi)}" x2="{fmt(x)}" y2="{fmt(y_hi + 4)}"/>')
-        label = f"{t:g}%"
-        if x - last >= 7 * len(label) + 4:
-            out.append(f'<text class="sm" x="{fmt(x)}" y="{fmt(y_hi + 16)}" text-anchor="middle">{label}</text>')
-            last = x
-    out.append(f'<path class="ax" d="M{fmt(x_lo)} {fmt(y_lo)}V{fmt(y_hi)}H{fmt(x_hi)}" fill="none"/>')
-    out.append(f'<text class="lbl" x="{fmt((x_lo + x_hi) / 2)}" y="{fmt(p.h - 10)}" text-anchor="middle">'
-               "edges kept (% of all edges, log scale)</text>")
-    out.append(f'<text class="lbl" transform="translate(14 {fmt((y_lo + y_hi) / 2)}) rotate(-90)" '
-               'text-anchor="middle">faithfulness</text>')
-    return out
-
-
-def _curve_legend(p: _Plot, has_std: bool, has_random: bool) -> list[str]:
-    x, y = p.left + 4, 16.0
-    items = [('stroke="#2563eb" stroke-width="2"', "circuit (mean)")]
-    if has_std:
-        items.append(('stroke="#93c5fd" stroke-width="8"', "\u00b1 std"))
-    if has_random:
-        items.append(('stroke="#6b7280" stroke-width="1.5" stroke-dasharray="2 2"', "random edges"))
-    items.append(('stroke="#111827" stroke-width="1" stroke-dasharray="5 4"', "full model (1.0)"))
-    out = []
-    for style, label in items:
-        out.append(f'<line x1="{fmt(x)}" y1="{fmt(y - 4)}" x2="{fmt(x + 20)}" y2="{fmt(y - 4)}" {style}/>')
-        out.append(f'<text class="lbl" x="{fmt(x + 25)}" y="{fmt(y)}">{label}</text>')
-        x += 40 + 6.2 * len(label)
-    return out
-
-
-_CURVE_STYLE = (".kc-curve text{fill:#374151}.kc-curve .lbl{font-size:11.5px}.kc-curve .sm{font-size:10.5px;fill:#4b5563}"
-                ".kc-curve .grid{stroke:#eef0f3;stroke-width:1}.kc-curve .ax{stroke:#6b7280;stroke-width:1}")
-
-
-def curve_svg(curve: Mapping[str, Any]) -> str:
-    """Faithfulness vs % edges on a log x axis: mean line, shaded +-std band, reference line at 1.0
-    and an optional random-edges baseline. NaN/None points are skipped (lines break there)."""
-    raw_x = [as_float(v) for v in curve.get("x_percent") or []]
-    mean = _series(raw_x, curve.get("faithfulness_mean"))
-    std = dict((x, s) for x, s in _series(raw_x, curve.get("faithfulness_std")))
-    rnd = _series(raw_x, curve.get("random_faithfulness_mean"))
-    xs = sorted({x for x, _ in mean})
-    p = _Plot()
-    if not xs:
-        return (_svg_open("kc-curve", p.w, 80, "faithfulness curve") + f"<style>{_CURVE_STYLE}</style>"
-                '<text class="lbl" x="20" y="44">no curve data (no positive x values)</text></svg>')
-    band = [(x, y, std.get(x)) for x, y in mean if y is not None]
-    values = [1.0, 0.0] + [y for _, y in mean + rnd if y is not None]
-    values += [y + sd for _, y, sd in band if sd is not None] + [y - sd for _, y, sd in band if sd is not None]
-    lo, hi = min(values), max(values)
-    step = _nice_step(hi - lo or 1.0)
-    p.y0, p.y1 = math.floor(lo / step - 0.25) * step, math.ceil(hi / step + 0.25) * step
-    if xs[0] == xs[-1]:
-        p.lx0, p.lx1 = math.log10(xs[0]) - 0.5, math.log10(xs[0]) + 0.5
-    else:
-        pad = 0.04 * (math.log10(xs[-1]) - math.log10(xs[0]))
-        p.lx0, p.lx1 = math.log10(xs[0]) - pad, math.log10(xs[-1]) + pad
-    ticks_y = [p.y0 + i * step for i in range(int(round((p.y1 - p.y0) / step)) + 1)]
-    ticks_y = [round(t, 10) for t in ticks_y]
-    out = [_svg_open("kc-curve", p.w, p.h, "faithfulness curve"), f"<style>{_CURVE_STYLE}</style>"]
-    out += _curve_axes(p, xs, ticks_y)
-    has_std = False
-    for seg in _segments((x, (y, sd) if sd is not None else None) for x, y, sd in band):  # type: ignore[misc]
-        up = [(x, y + sd) for x, (y, sd) in seg]
-        down = [(x, y - sd) for x, (y, sd) in reversed(seg)]
-        if len(seg) > 1:
-            out.append(f'<path d="{_polyline(up + down, p.sx, p.sy)}Z" fill="#bfdbfe" fill-opacity=".6" stroke="none"/>')
-        else:
-            out.append(f'<line x1="{fmt(p.sx(up[0][0]))}" y1="{fmt(p.sy(up[0][1]))}" x2="{fmt(p.sx(up[0][0]))}" '
-                       f'y2="{fmt(p.sy(down[0][1]))}" stroke="#93c5fd" stroke-width="3"/>')
-        has_std = True
-    y_one = p.sy(1.0)
-    out.append(f'<line x1="{fmt(p.left)}" y1="{fmt(y_one)}" x2="{fmt(p.w - p.right)}" y2="{fmt(y_one)}" '
-               'stroke="#111827" stroke-width="1" stroke-dasharray="5 4"/>')
-    for seg in _segments(rnd):
-        out.append(f'<path d="{_polyline(seg, p.sx, p.sy)}" fill="none" stroke="#6b7280" stroke-width="1.5" '
-                   'stroke-dasharray="2 2"/>')
-    for seg in _segments(mean):
-        out.append(f'<path d="{_polyline(seg, p.sx, p.sy)}" fill="none" stroke="#2563eb" stroke-width="2"/>')
-    for x, y in mean:
-        if y is not None:
-            tip = f"{x:g}% of edges: {y:.4g}" + (f" \u00b1 {std[x]:.3g}" if std.get(x) is not None else "")
-            out.append(f'<circle cx="{fmt(p.sx(x))}" cy="{fmt(p.sy(y))}" r="3" fill="#2563eb"><title>{escape(tip)}</title></circle>')
-    out += _curve_legend(p, has_std, any(y is not None for _, y in rnd))
-    out.append("</svg>")
-    return "\n".join(out)

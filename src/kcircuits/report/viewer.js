@@ -454,7 +454,11 @@
     if (text !== undefined && text !== null) e.textContent = String(text);
     return e;
   }
-  function num(v, digits) { return typeof v === "number" && isFinite(v) ? v.toFixed(digits === undefined ? 3 : digits) : "n/a"; }
+  function num(v, digits) {  // fixed decimals; a value that rounds to zero shows no sign ("0.000", never "-0.000")
+    if (typeof v !== "number" || !isFinite(v)) return "n/a";
+    var s = v.toFixed(digits === undefined ? 3 : digits);
+    return /^-[0.]+$/.test(s) ? s.slice(1) : s;
+  }
   function showTok(t) { return "'" + String(t) + "'"; }
   function barTable(rows, cls, maxVal) {  // rows: [label, value]
     var t = el("table", "kcv-bars"), mx = maxVal || 0;

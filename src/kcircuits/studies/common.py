@@ -8,14 +8,8 @@ from pathlib import Path
 import torch
 
 from kcircuits.ablation import mean_activations
-from kcircuits.api import (
-    PARTIAL_SCORES,
-    _attribute_resumable,
-    model_batches,
-    _environment,
-    _model,
-    check_settings,
-)
+from kcircuits.pipeline import attribute_resumable, environment, load, model_batches
+from kcircuits.settings import AttributionSettings, CircuitSize, RunSettings, ScoringSettings
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator
@@ -28,22 +22,22 @@ from kcircuits.runs import RunFolder, default_run_dir
 
 def check_common(method: str, steps: int, metric: str, ablation: str, batch_size: int, percent: float | None,
                  n_edges: int | None) -> None:
-    """Fail on bad settings before a model is loaded or a folder written: the attribution settings
-    as for ``discover``, plus the circuit size every study uses."""
-    check_settings(method, steps, metric, ablation, batch_size)
-    if n_edges is not None and n_edges < 1:
-        raise KcircuitsError("--edges must be >= 1")
-    if percent is not None and not 0 < percent <= 100:
-        raise KcircuitsError(f"--percent must be in (0, 100], got {percent}")
+    """Fail on bad settings before a model is loaded or a folder written: the settings objects
+    validate themselves (the same checks as ``discover``)."""
+    ScoringSettings(metric=metric, ablation=ablation)
+    AttributionSettings(method=method, steps=steps)
+    CircuitSize(n_edges=n_edges, percent=percent)
+    RunSettings(batch_size=batch_size)
 
 
 def open_run(kind: str, parts: list[str], reproduce: dict, out: str | Path | None, model: str | LoadedModel,
              device, dtype: str, batch_size: int) -> tuple[RunFolder, LoadedModel, Engine]:
     """Load the model first (a model that fails to load writes nothing), then bind the run folder."""
     model_name = model.name if isinstance(model, LoadedModel) else model
+    lm = load(model, RunSettings(device=device, dtype=dtype, batch_size=batch_size))
+    reproduce = {**reproduce, "weights": lm.fingerprint}
     folder = Path(out) if out else default_run_dir(kind, parts + [Path(model_name).name], reproduce)
-    lm = _model(model, device, dtype)
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "batch_size": batch_size,
+    run = RunFolder(folder, {"reproduce": reproduce, "environment": environment(), "batch_size": batch_size,
                              "device": str(device)})
     return run, lm, Engine(lm.weights, Graph.from_model(lm.weights))
 
@@ -66,10 +60,10 @@ def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pai
     else:
         batches = model_batches(lm, pairs, batch_size, "first_token")
         mean = mean_activations(engine, batches) if ablation == "mean" else None
-        scores = _attribute_resumable(run, engine, batches, method=method, metric=metric, steps=steps,
-                                      ablation=ablation, mean=mean, progress=progress).cpu()
+        scores = attribute_resumable(run, engine, batches, scoring=ScoringSettings(metric=metric, ablation=ablation),
+                                     attribution=AttributionSettings(method=method, steps=steps), mean=mean,
+                                     progress=progress).cpu()
         run.write_tensors(file, {"scores": scores})
-        run.file(PARTIAL_SCORES).unlink(missing_ok=True)
     circuit = select(engine.graph, scores, n_edges)
     if circuit.n_edges == 0:
         raise KcircuitsError(f"the {name!r} circuit is empty after pruning; select more edges (--edges/--percent)")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kcircuits.analyze.compare import composition, overlap
-from kcircuits.api import prepare_prompts
+from kcircuits.pipeline import prepare_prompts
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel

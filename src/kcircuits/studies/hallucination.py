@@ -22,7 +22,7 @@ import torch
 
 from kcircuits.analyze.compare import overlap
 from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
-from kcircuits.api import answer_ranks, prepare_prompts
+from kcircuits.pipeline import answer_ranks, prepare_prompts
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.explain import Explanation, explain, layer_trace

@@ -21,7 +21,7 @@ import torch
 
 from kcircuits.ablation import mean_activations
 from kcircuits.analyze.head_roles import attention_mass, token_offsets
-from kcircuits.api import model_batches, answer_ranks
+from kcircuits.pipeline import answer_ranks, model_batches
 from kcircuits.data import build_prompts, load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError

@@ -1,0 +1,332 @@
+"""Typed settings, one frozen dataclass per concern (DESIGN.md decision 10).
+
+Every command's options live here, once: a field's default, its validation, its command-line flag
+and help all come from this module. The API (:mod:`kcircuits.api`), the studies and the CLI take
+these objects; ``asdict()`` of each is what ``config.json`` records, and the run folder's hash is
+computed from them after they normalised their values (``percent=1`` and ``percent=1.0`` are one
+configuration). Adding an option = adding one field to one dataclass.
+
+Concerns:
+
+- :class:`ScoringSettings`: what is measured (metric, answer scoring) and what a patched edge carries;
+- :class:`AttributionSettings`: how edges are scored (discovery method, integration steps, k/v grouping);
+- :class:`CircuitSize`: how many edges the circuit keeps and how they are chosen;
+- :class:`PromptSettings`: which prompt pairs are built (split, known-facts filter, cap, templates);
+- :class:`EvaluationSettings`: what is measured about a circuit (curve, random baselines, explanation);
+- :class:`RunSettings`: where and how it runs (device, dtype, batch size, seed).
+
+This module imports no torch, so ``kcircuits --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from kcircuits.errors import KcircuitsError
+
+#: Circuit sizes of the faithfulness curve, in percent of all edges (MIB's grid).
+CURVE_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+METRIC_NAMES = ("logit_diff", "logprob", "prob")
+ABLATIONS = ("corrupt", "zero", "mean")
+ANSWER_SCORING = ("first_token", "full")
+SELECTIONS = ("topn", "greedy")
+KNOWN_ONLY_ON = ("both", "discover")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+           invert: str | None = None, nargs: str | None = None, metavar: str | None = None,
+           zero_is_none: bool = False, const: Any = None, hashed: bool = True, cli: bool = True,
+           parse: Callable[[Any], Any] | None = None, type: Callable[[str], Any] | None = None) -> Any:
+    """A settings field with what the command line needs to offer it.
+
+    ``flag`` defaults to ``--field-name``; ``invert`` names a ``store_true`` flag that sets a True
+    default to False (``--ungrouped`` for ``grouped``); ``zero_is_none`` reads 0 as "no limit";
+    ``hashed=False`` keeps a field out of the configuration hash (it changes how a run is computed,
+    not what it computes: batch size, device); ``cli=False`` keeps it off the command line.
+    """
+    meta = dict(help=help, flag=flag, choices=choices, invert=invert, nargs=nargs, metavar=metavar,
+                zero_is_none=zero_is_none, const=const, hashed=hashed, cli=cli, parse=parse, type=type)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("settings defaults must be immutable (use a tuple)")
+    return field(default=default, metadata=meta)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise KcircuitsError(message)
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise KcircuitsError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise KcircuitsError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields once
+
+
+def _choice(value: str, allowed: Iterable[str], what: str) -> str:
+    allowed = tuple(allowed)
+    _need(value in allowed, f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
+def discovery_method_names() -> tuple[str, ...]:
+    """Names of the registered discovery methods (imports :mod:`kcircuits.discover`, which registers them)."""
+    from kcircuits.discover import registry
+
+    return tuple(registry.load_all())
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What is measured and what a patched edge carries; shared by attribution and evaluation."""
+
+    metric: str = option("logit_diff", "what the circuit must preserve", choices=METRIC_NAMES)
+    ablation: str = option("corrupt", "what edges outside the circuit carry (default: the corrupted run)",
+                           choices=ABLATIONS)
+    answer_scoring: str = option("first_token", "score the answer's first token (default) or the whole answer "
+                                 "(teacher-forced; for answers such as years that share their first token)",
+                                 choices=ANSWER_SCORING)
+
+    def __post_init__(self) -> None:
+        _choice(self.metric, METRIC_NAMES, "metric")
+        _choice(self.ablation, ABLATIONS, "ablation")
+        _choice(self.answer_scoring, ANSWER_SCORING, "answer scoring")
+        _need(not (self.answer_scoring == "full" and self.metric == "logit_diff"),
+              "the logit difference compares single tokens; with --answer-scoring full use --metric logprob or prob")
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """How edges are scored: the discovery method (see ``kcircuits.discover.registry``) and its knobs."""
+
+    method: str = option("eap-ig", "discovery method", choices=discovery_method_names)
+    steps: int = option(5, "integration steps of EAP-IG (m)")
+    grouped: bool = option(True, "k/v destinations per kv-head (grouped-query attention models)",
+                           invert="--ungrouped")
+
+    def __post_init__(self) -> None:
+        _choice(self.method, discovery_method_names(), "discovery method")
+        _set(self, "steps", _int(self.steps, "--steps"))
+        _need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class CircuitSize:
+    """How big the circuit is: ``n_edges``, or ``percent`` of all edges, or every edge scoring at least
+    ``threshold`` (at most one of them; default 1%), chosen by ``selection`` and then pruned."""
+
+    n_edges: int | None = option(None, "circuit size in edges", flag="--edges", type=int)
+    percent: float | None = option(None, "circuit size in percent of all edges, in (0, 100] (default 1)", type=float)
+    threshold: float | None = option(None, "keep every edge scoring at least this", type=float)
+    selection: str = option("topn", "top edges by score, or greedy growth from the logits", choices=SELECTIONS)
+    absolute: bool = option(True, "rank edges by |score| (default) or by signed score", invert="--signed")
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("n_edges", "percent", "threshold") if getattr(self, k) is not None]
+        _need(len(given) <= 1, f"give one circuit size, not {' and '.join(given)}")
+        if self.n_edges is not None:
+            _set(self, "n_edges", _int(self.n_edges, "--edges"))
+            _need(self.n_edges >= 1, f"--edges must be >= 1, got {self.n_edges}")
+        if self.percent is not None:
+            _set(self, "percent", _float(self.percent, "--percent"))
+            _need(0 < self.percent <= 100, f"--percent must be in (0, 100], got {self.percent:g}")
+        if self.threshold is not None:
+            _set(self, "threshold", _float(self.threshold, "--threshold"))
+        _choice(self.selection, SELECTIONS, "selection")
+
+    def edges_for(self, n_graph_edges: int) -> int | None:
+        """The number of edges to select in a graph of ``n_graph_edges`` (None: select by threshold)."""
+        if self.threshold is not None:
+            return None
+        if self.n_edges is not None:
+            return self.n_edges
+        return max(1, round(n_graph_edges * (self.percent if self.percent is not None else 1.0) / 100))
+
+
+def _parse_templates(value: Any) -> tuple | None:
+    if value is None:
+        return None
+    from kcircuits.data.prompts import parse_template_specs
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise KcircuitsError(f"templates must be a list of indices or zs<i>, got {value!r}")
+    return tuple(parse_template_specs([str(v) for v in value]))
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Which prompt pairs are built from a relation."""
+
+    split: float | None = option(None, "find the circuit on this fraction of the subjects (default 0.5), test on the rest",
+                                 nargs="?", const=0.5, type=float)
+    known_only: bool = option(False, "keep only facts the model answers within --known-k")
+    known_k: int = option(1, "rank within which a fact counts as known")
+    known_only_on: str = option("both", "with --known-only: filter both halves, or only the discovery half so the "
+                                "circuit is tested on every held-out fact (the Knowledge Circuits paper's protocol)",
+                                choices=KNOWN_ONLY_ON)
+    max_pairs: int | None = option(64, "cap on prompt pairs per relation and split half, applied after --known-only "
+                                   "(0: no cap)", zero_is_none=True, type=int)
+    templates: tuple | None = option(None, "prompt templates: indices of prompt_templates, or zs0 zs1 ... / zs for an "
+                                     "LRE file's zero-shot templates (default: every prompt_templates entry)",
+                                     nargs="+", metavar="T", parse=_parse_templates)
+
+    def __post_init__(self) -> None:
+        if self.split is not None:
+            _set(self, "split", _float(self.split, "--split"))
+            _need(0 < self.split < 1, f"--split must be a fraction strictly between 0 and 1, got {self.split:g}")
+        _set(self, "known_k", _int(self.known_k, "--known-k"))
+        _need(self.known_k >= 1, f"--known-k must be >= 1, got {self.known_k}")
+        _choice(self.known_only_on, KNOWN_ONLY_ON, "--known-only-on")
+        if self.max_pairs is not None:
+            _set(self, "max_pairs", _int(self.max_pairs, "--max-pairs"))
+            _need(self.max_pairs >= 1, f"--max-pairs must be >= 1 (or 0 for no cap), got {self.max_pairs}")
+        _set(self, "templates", _parse_templates(self.templates))
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What is measured about a circuit besides its faithfulness and Hit@k."""
+
+    curve: bool = option(True, "draw the faithfulness curve over circuit sizes", invert="--no-curve")
+    curve_percents: tuple = option(CURVE_PERCENTS, "circuit sizes of the curve, in percent of all edges", cli=False)
+    n_random: int = option(3, "random circuits of the circuit's exact size drawn per kind of baseline",
+                           flag="--random-draws")
+    explain_prompts: int = option(16, "explain the circuit on this many test prompts: logit lens, head roles (0: skip)")
+    export_mib: bool = option(False, "also write circuit_mib.json (EAP-IG/MIB graph format)")
+
+    def __post_init__(self) -> None:
+        _set(self, "curve_percents", tuple(_float(p, "curve percent") for p in self.curve_percents))
+        _need(all(0 < p <= 100 for p in self.curve_percents), "curve percents must be in (0, 100]")
+        _set(self, "n_random", _int(self.n_random, "--random-draws"))
+        _need(self.n_random >= 0, f"--random-draws must be >= 0, got {self.n_random}")
+        _set(self, "explain_prompts", _int(self.explain_prompts, "--explain-prompts"))
+        _need(self.explain_prompts >= 0, f"--explain-prompts must be >= 0, got {self.explain_prompts}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a command runs; the seed seeds splits, caps and random baselines."""
+
+    device: str | None = option("cpu", "cpu, cuda, cuda:N or auto", hashed=False)
+    dtype: str = option("float32", "weights' dtype", choices=DTYPES)
+    batch_size: int = option(8, "prompt pairs per batch (memory, not results)", hashed=False)
+    seed: int = option(0, "seed of the split, the pair cap and the random baselines")
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, DTYPES, "--dtype")
+        _set(self, "batch_size", _int(self.batch_size, "--batch-size"))
+        _need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _set(self, "seed", _int(self.seed, "--seed"))
+
+
+# --------------------------------------------------------------------------- building settings
+def resolve(cls: type, given: Any, options: dict[str, Any]) -> Any:
+    """``given`` (an instance of ``cls`` or None for defaults) with the ``options`` that name its fields
+    applied; those options are removed from ``options``. Validation runs once, on the result."""
+    if given is not None and not isinstance(given, cls):
+        raise KcircuitsError(f"expected {cls.__name__}, got {type(given).__name__}")
+    names = {f.name for f in fields(cls)}
+    mine = {k: options.pop(k) for k in list(options) if k in names}
+    if given is None:
+        return cls(**mine)
+    return replace(given, **mine) if mine else given
+
+
+def reject_unknown(options: Mapping[str, Any], command: str) -> None:
+    if options:
+        raise KcircuitsError(f"{command}: unknown option(s) {', '.join(sorted(options))}")
+
+
+def hashed_dict(settings: Any) -> dict:
+    """The fields of a settings object that define what a run computes (``asdict`` less ``hashed=False``)."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in fields(settings) if f.metadata.get("hashed", True)}
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def settings_doc(*classes: type) -> str:
+    """One line per field of ``classes``: name, default and help (appended to the API's docstrings)."""
+    lines = []
+    for cls in classes:
+        lines.append(f"{cls.__name__} (pass ``{param_name(cls)}=`` or any of its fields by name):")
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else "required"
+            lines.append(f"    {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def param_name(cls: type) -> str:
+    return {"ScoringSettings": "scoring", "AttributionSettings": "attribution", "CircuitSize": "size",
+            "PromptSettings": "prompts", "EvaluationSettings": "evaluation", "RunSettings": "run"}.get(cls.__name__,
+                                                                                                  cls.__name__.lower())
+
+
+# --------------------------------------------------------------------------- the command line
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: Mapping[str, Any] | None = None,
+                  exclude: Iterable[str] = (), group: Any = None) -> None:
+    """Add one command-line option per field of ``cls`` (its flag, help, choices and default)."""
+    target = group or parser
+    defaults = dict(defaults or {})
+    for f in fields(cls):
+        meta = f.metadata
+        if f.name in exclude or not meta.get("cli", True):
+            continue
+        default = defaults.get(f.name, f.default)
+        if meta.get("invert"):
+            target.add_argument(meta["invert"], dest=f.name, action="store_false", default=default,
+                                help=meta["help"])
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        if isinstance(default, bool) and f.type in ("bool", bool):
+            target.add_argument(flag, action="store_true", default=default, **kwargs)
+            continue
+        choices = meta.get("choices")
+        if callable(choices):
+            choices = choices()
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+        if meta.get("const") is not None:
+            kwargs["const"] = meta["const"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        typ = meta.get("type") or (type(default) if default is not None and not isinstance(default, tuple) else None)
+        if typ is not None and meta.get("parse") is None:
+            kwargs["type"] = typ
+        target.add_argument(flag, default=default, **kwargs)
+
+
+def from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """The ``cls`` settings the parsed command line describes (fields absent from ``args`` keep their defaults)."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in fixed:
+            values[f.name] = fixed[f.name]
+        elif hasattr(args, f.name):
+            v = getattr(args, f.name)
+            if f.metadata.get("zero_is_none") and v == 0:
+                v = None
+            values[f.name] = v
+    return cls(**values)
