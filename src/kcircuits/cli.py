@@ -18,7 +18,8 @@ DISCOVER_SETTINGS = ("ScoringSettings", "AttributionSettings", "CircuitSize", "P
 EVALUATE_SETTINGS = ("ScoringSettings", "PromptSettings", "EvaluationSettings", "RunSettings")
 
 
-def _settings_args(p: argparse.ArgumentParser, names: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
+def _settings_args(p: argparse.ArgumentParser, names: tuple[str, ...], exclude: tuple[str, ...] = (),
+                   defaults: dict | None = None) -> None:
     """The options of ``p`` generated from the settings dataclasses, one argument group per concern."""
     from kcircuits import settings
 
@@ -27,7 +28,7 @@ def _settings_args(p: argparse.ArgumentParser, names: tuple[str, ...], exclude: 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in names:
         cls = getattr(settings, name)
-        settings.add_arguments(p, cls, exclude=exclude, group=p.add_argument_group((cls.__doc__ or name).split("\n")[0]))
+        settings.add_arguments(p, cls, exclude=exclude, defaults=defaults, group=p.add_argument_group(f"{settings.param_name(cls)} settings"))
 
 
 def _settings_from(args, names: tuple[str, ...]) -> dict:
@@ -57,29 +58,18 @@ def _thresholds(args):
                           args.range_z_min)
 
 
-def _study_common(p: argparse.ArgumentParser, max_pairs: int) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
-    p.add_argument("--out", help="run folder (default: runs/<command>_<...>_<config hash>)")
-    p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig", "clean-corrupted"])
-    p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (m)")
-    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob"])
-    p.add_argument("--ablation", default="corrupt", choices=["corrupt", "zero", "mean"])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--edges", type=int, help="size of every circuit in edges")
-    size.add_argument("--percent", type=float, help="size of every circuit in percent of all edges (default 1)")
-    p.add_argument("--max-pairs", type=int, default=max_pairs, help="cap on prompt pairs per relation (0: no cap)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+#: The settings every study takes, and the fields a study does not use (kept off its options).
+STUDY_SETTINGS = ("ScoringSettings", "AttributionSettings", "CircuitSize", "PromptSettings", "RunSettings")
+STUDY_EXCLUDE = ("answer_scoring", "threshold", "split", "known_k", "known_only_on", "templates")
+
+
+def _study_args(p: argparse.ArgumentParser, max_pairs: int, *, known_only: bool = False) -> None:
+    _settings_args(p, STUDY_SETTINGS, exclude=STUDY_EXCLUDE + (() if known_only else ("known_only",)),
+                   defaults={"max_pairs": max_pairs})
 
 
 def _study_kwargs(args) -> dict:
-    return dict(model=args.model, out=args.out, method=args.method, steps=args.steps, metric=args.metric,
-                ablation=args.ablation, n_edges=args.edges, percent=args.percent, max_pairs=args.max_pairs or None,
-                batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
-                progress=not args.quiet)
+    return dict(model=args.model, out=args.out, progress=not args.quiet, **_settings_from(args, STUDY_SETTINGS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare the circuits of several relations: overlap and cross-faithfulness")
     c.add_argument("relations", nargs="+", help="two or more relations")
-    c.add_argument("--known-only", action="store_true", help="keep only samples the model answers right")
-    _study_common(c, 32)
+    _study_args(c, 32, known_only=True)
 
     st = sub.add_parser("study", help="studies that write a run folder with figures and a summary")
     studies = st.add_subparsers(dest="study", required=True)
@@ -110,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-per-group", type=int, default=32, help="prompts analysed per group (right, wrong)")
     h.add_argument("--min-per-group", type=int, default=4, help="fail when a group has fewer prompts")
     h.add_argument("--top-heads", type=int, default=10, help="heads moving the wrong attribute to list")
-    _study_common(h, 96)
+    _study_args(h, 96)
     _thresholds_args(h)
     i = studies.add_parser("icl", help="k = 0..4 demonstrations: accuracy, circuits, heads that appear only with "
                                        "demonstrations and their ablation vs random heads")
@@ -118,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="numbers of demonstrations (must include 0)")
     i.add_argument("--template", type=int, default=0, help="index of the relation's template to use")
     i.add_argument("--random-draws", type=int, default=5, help="random head sets ablated for comparison")
-    _study_common(i, 24)
+    _study_args(i, 24)
 
     from kcircuits.influence.cli import add_parser as add_influence
 
@@ -152,7 +141,7 @@ def _evaluate(args) -> None:
 def _compare(args) -> None:
     from kcircuits.studies import compare
 
-    res = compare(args.relations, known_only=args.known_only, **_study_kwargs(args))
+    res = compare(args.relations, **_study_kwargs(args))
     names = res["relations"]
     width = max(len(n) for n in names) + 2
     print(f"faithfulness of the row's circuit ({res['n_edges']} edges) on the column's prompts:")

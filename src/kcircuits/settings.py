@@ -39,17 +39,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
-           invert: str | None = None, nargs: str | None = None, metavar: str | None = None,
+           invert: str | None = None, invert_help: str | None = None, nargs: str | None = None, metavar: str | None = None,
            zero_is_none: bool = False, const: Any = None, hashed: bool = True, cli: bool = True,
            parse: Callable[[Any], Any] | None = None, type: Callable[[str], Any] | None = None) -> Any:
     """A settings field with what the command line needs to offer it.
 
     ``flag`` defaults to ``--field-name``; ``invert`` names a ``store_true`` flag that sets a True
-    default to False (``--ungrouped`` for ``grouped``); ``zero_is_none`` reads 0 as "no limit";
+    default to False (``--ungrouped`` for ``grouped``), described by ``invert_help``; ``zero_is_none`` reads 0 as "no limit";
     ``hashed=False`` keeps a field out of the configuration hash (it changes how a run is computed,
     not what it computes: batch size, device); ``cli=False`` keeps it off the command line.
     """
-    meta = dict(help=help, flag=flag, choices=choices, invert=invert, nargs=nargs, metavar=metavar,
+    meta = dict(help=help, flag=flag, choices=choices, invert=invert, invert_help=invert_help, nargs=nargs, metavar=metavar,
                 zero_is_none=zero_is_none, const=const, hashed=hashed, cli=cli, parse=parse, type=type)
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings defaults must be immutable (use a tuple)")
@@ -116,7 +116,7 @@ class AttributionSettings:
     method: str = option("eap-ig", "discovery method", choices=discovery_method_names)
     steps: int = option(5, "integration steps of EAP-IG (m)")
     grouped: bool = option(True, "k/v destinations per kv-head (grouped-query attention models)",
-                           invert="--ungrouped")
+                           invert="--ungrouped", invert_help="one k/v destination per query head (GQA models)")
 
     def __post_init__(self) -> None:
         _choice(self.method, discovery_method_names(), "discovery method")
@@ -133,7 +133,8 @@ class CircuitSize:
     percent: float | None = option(None, "circuit size in percent of all edges, in (0, 100] (default 1)", type=float)
     threshold: float | None = option(None, "keep every edge scoring at least this", type=float)
     selection: str = option("topn", "top edges by score, or greedy growth from the logits", choices=SELECTIONS)
-    absolute: bool = option(True, "rank edges by |score| (default) or by signed score", invert="--signed")
+    absolute: bool = option(True, "rank edges by |score| (False: by signed score)", invert="--signed",
+                            invert_help="rank edges by signed score instead of |score|")
 
     def __post_init__(self) -> None:
         given = [k for k in ("n_edges", "percent", "threshold") if getattr(self, k) is not None]
@@ -201,7 +202,8 @@ class PromptSettings:
 class EvaluationSettings:
     """What is measured about a circuit besides its faithfulness and Hit@k."""
 
-    curve: bool = option(True, "draw the faithfulness curve over circuit sizes", invert="--no-curve")
+    curve: bool = option(True, "draw the faithfulness curve over circuit sizes", invert="--no-curve",
+                         invert_help="skip the faithfulness curve")
     curve_percents: tuple = option(CURVE_PERCENTS, "circuit sizes of the curve, in percent of all edges", cli=False)
     n_random: int = option(3, "random circuits of the circuit's exact size drawn per kind of baseline",
                            flag="--random-draws")
@@ -294,7 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: Mappi
         default = defaults.get(f.name, f.default)
         if meta.get("invert"):
             target.add_argument(meta["invert"], dest=f.name, action="store_false", default=default,
-                                help=meta["help"])
+                                help=meta.get("invert_help") or meta["help"])
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"]}

@@ -3,13 +3,25 @@ in the folder so a rerun reuses them), and score circuits on other prompts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kcircuits.ablation import mean_activations
-from kcircuits.pipeline import attribute_resumable, environment, load, model_batches
-from kcircuits.settings import AttributionSettings, CircuitSize, RunSettings, ScoringSettings
+from kcircuits import pipeline
+from kcircuits.pipeline import attribute_resumable, model_batches, model_name
+from kcircuits.settings import (
+    AttributionSettings,
+    CircuitSize,
+    PromptSettings,
+    RunSettings,
+    ScoringSettings,
+    hashed_dict,
+    param_name,
+    reject_unknown,
+    resolve,
+)
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator
@@ -17,66 +29,88 @@ from kcircuits.selection import select
 from kcircuits.graph import Circuit, Graph
 from kcircuits.models import LoadedModel
 from kcircuits.report import write_report
-from kcircuits.runs import RunFolder, default_run_dir
+from kcircuits.runs import RunFolder
 
 
-def check_common(method: str, steps: int, metric: str, ablation: str, batch_size: int, percent: float | None,
-                 n_edges: int | None) -> None:
-    """Fail on bad settings before a model is loaded or a folder written: the settings objects
-    validate themselves (the same checks as ``discover``)."""
-    ScoringSettings(metric=metric, ablation=ablation)
-    AttributionSettings(method=method, steps=steps)
-    CircuitSize(n_edges=n_edges, percent=percent)
-    RunSettings(batch_size=batch_size)
+#: The concerns every study takes settings for (their objects by parameter name, or their fields by name).
+STUDY_SETTINGS = (ScoringSettings, AttributionSettings, CircuitSize, PromptSettings, RunSettings)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The settings of one study run, one object per concern (see :mod:`kcircuits.settings`)."""
+
+    scoring: ScoringSettings
+    attribution: AttributionSettings
+    size: CircuitSize
+    prompts: PromptSettings
+    run: RunSettings
+
+    @classmethod
+    def from_options(cls, options: dict, command: str, *, max_pairs: int | None) -> StudySettings:
+        """Build and validate the settings from a study's keyword arguments (before any model is loaded):
+        ``scoring=``/``size=``/... objects, or their fields by name; ``max_pairs`` is the study's default cap."""
+        given = {c: options.pop(param_name(c), None) for c in STUDY_SETTINGS}
+        if given[PromptSettings] is None:
+            options.setdefault("max_pairs", max_pairs)
+        built = [resolve(c, given[c], options) for c in STUDY_SETTINGS]
+        reject_unknown(options, command)
+        st = cls(*built)
+        if st.size.threshold is not None:
+            raise KcircuitsError(f"{command} sizes every circuit by --edges or --percent, not by a threshold")
+        if st.scoring.answer_scoring != "first_token":
+            raise KcircuitsError(f"{command} scores the answer's first token; --answer-scoring full is not supported")
+        return st
+
+    def reproduce(self) -> dict:
+        return {param_name(type(obj)): hashed_dict(obj) for obj in (self.scoring, self.attribution, self.size,
+                                                                    self.prompts, self.run)}
 
 
 def open_run(kind: str, parts: list[str], reproduce: dict, out: str | Path | None, model: str | LoadedModel,
-             device, dtype: str, batch_size: int) -> tuple[RunFolder, LoadedModel, Engine]:
-    """Load the model first (a model that fails to load writes nothing), then bind the run folder."""
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    lm = load(model, RunSettings(device=device, dtype=dtype, batch_size=batch_size))
-    reproduce = {**reproduce, "weights": lm.fingerprint}
-    folder = Path(out) if out else default_run_dir(kind, parts + [Path(model_name).name], reproduce)
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": environment(), "batch_size": batch_size,
-                             "device": str(device)})
-    return run, lm, Engine(lm.weights, Graph.from_model(lm.weights))
+             st: StudySettings) -> tuple[RunFolder, LoadedModel, Engine]:
+    """Load the model first (a model that fails to load writes nothing), then bind the run folder,
+    whose hash covers ``reproduce``, the settings and the weights' fingerprint."""
+    run, lm = pipeline.open_run(kind, parts + [Path(model_name(model)).name],
+                                lambda lm: {**reproduce, "model": model_name(model), "weights": lm.fingerprint,
+                                            **st.reproduce()}, out, model, st.run)
+    return run, lm, Engine(lm.weights, Graph.from_model(lm.weights, grouped=st.attribution.grouped))
 
 
-def n_edges_for(graph: Graph, n_edges: int | None, percent: float | None) -> int:
-    if n_edges is not None:
-        return n_edges
-    return max(1, round(graph.n_edges * (percent if percent is not None else 1.0) / 100))
+def circuit_size(graph: Graph, st: StudySettings) -> int:
+    """The number of edges every circuit of the study selects."""
+    return st.size.edges_for(graph.n_edges)
 
 
-def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pairs: list, *, method: str, steps: int,
-                 metric: str, ablation: str, n_edges: int, batch_size: int, progress: bool) -> tuple[Circuit, torch.Tensor]:
+def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pairs: list, st: StudySettings, *,
+                 n_edges: int, progress: bool) -> tuple[Circuit, torch.Tensor]:
     """Attribution scores on ``pairs`` (saved as ``scores_<name>.safetensors``, reused on a rerun) and
-    the top-``n_edges`` circuit, pruned; also written as ``circuit_<name>.json``."""
+    the ``n_edges`` circuit the size settings select, pruned; also written as ``circuit_<name>.json``."""
     if not pairs:
         raise KcircuitsError(f"no prompt pairs to find the {name!r} circuit on")
     file = f"scores_{name}.safetensors"
     if run.has(file):
         scores = run.read_tensors(file)["scores"]
     else:
-        batches = model_batches(lm, pairs, batch_size, "first_token")
-        mean = mean_activations(engine, batches) if ablation == "mean" else None
-        scores = attribute_resumable(run, engine, batches, scoring=ScoringSettings(metric=metric, ablation=ablation),
-                                     attribution=AttributionSettings(method=method, steps=steps), mean=mean,
+        batches = model_batches(lm, pairs, st.run.batch_size, "first_token")
+        mean = mean_activations(engine, batches) if st.scoring.ablation == "mean" else None
+        scores = attribute_resumable(run, engine, batches, scoring=st.scoring, attribution=st.attribution, mean=mean,
                                      progress=progress).cpu()
         run.write_tensors(file, {"scores": scores})
-    circuit = select(engine.graph, scores, n_edges)
+    circuit = select(engine.graph, scores, n_edges, selection=st.size.selection, absolute=st.size.absolute)
     if circuit.n_edges == 0:
         raise KcircuitsError(f"the {name!r} circuit is empty after pruning; select more edges (--edges/--percent)")
     run.write_json(f"circuit_{name}.json", circuit.to_json({"name": name, "n_prompts": len(pairs)}))
     return circuit, scores
 
 
-def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], *, metric: str,
-                    ablation: str, batch_size: int, progress: bool) -> dict[str, float]:
+def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], st: StudySettings, *,
+                    progress: bool) -> dict[str, float]:
     """Faithfulness (ratio of means) of each circuit on ``pairs``; one evaluator shared by all circuits."""
-    batches = model_batches(lm, pairs, batch_size, "first_token")
-    mean = mean_activations(engine, batches) if ablation == "mean" else None
-    ev = Evaluator(engine, batches, metric=metric, ablation=ablation, mean=mean, progress=progress)
+    batches = model_batches(lm, pairs, st.run.batch_size, "first_token")
+    mean = mean_activations(engine, batches) if st.scoring.ablation == "mean" else None
+    ev = Evaluator(engine, batches, metric=st.scoring.metric, ablation=st.scoring.ablation, mean=mean,
+                   progress=progress)
     return {name: ev.evaluate(c)["faithfulness_of_means"] for name, c in circuits.items()}
 
 

@@ -10,77 +10,55 @@ stays faithful on another relation's prompts points to shared machinery (e.g. a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from kcircuits.analyze.compare import composition, overlap
-from kcircuits.pipeline import prepare_prompts
+from kcircuits.pipeline import model_name, prepare_prompts
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
-from kcircuits.studies.common import (
-    check_common,
-    faithfulness_on,
-    find_circuit,
-    finish,
-    n_edges_for,
-    open_run,
-)
+from kcircuits.studies.common import StudySettings, circuit_size, faithfulness_on, find_circuit, finish, open_run
 
 
-def compare(
-    relations: Sequence[str],
-    model: str | LoadedModel = "smollm2-135m",
-    *,
-    out: str | Path | None = None,
-    method: str = "eap-ig",
-    steps: int = 5,
-    metric: str = "logit_diff",
-    ablation: str = "corrupt",
-    n_edges: int | None = None,
-    percent: float | None = None,
-    known_only: bool = False,
-    max_pairs: int | None = 32,
-    batch_size: int = 8,
-    device: str | None = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Find one circuit per relation (same size) and write the overlap and cross-faithfulness matrices."""
+def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m", *, out: str | Path | None = None,
+            progress: bool = True, **settings) -> dict:
+    """Find one circuit per relation (same size) and write the overlap and cross-faithfulness matrices.
+
+    Settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
+    :mod:`kcircuits.settings`, or any of their fields by name (``percent=1``, ``known_only=True``);
+    the prompt cap defaults to 32 pairs per relation.
+    """
     names = [Path(r).stem for r in relations]
     if len(relations) < 2:
         raise KcircuitsError("compare needs at least two relations")
     if len(set(names)) != len(names):
         raise KcircuitsError(f"relations repeat: {', '.join(names)}")
-    check_common(method, steps, metric, ablation, batch_size, percent, n_edges)
+    st = StudySettings.from_options(settings, "compare", max_pairs=32)
     for rel in relations:
         load_dataset(rel)
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    reproduce = {"command": "compare", "relations": list(relations), "model": model_name, "method": method,
-                 "steps": steps, "metric": metric, "ablation": ablation, "n_edges": n_edges, "percent": percent,
-                 "known_only": known_only, "max_pairs": max_pairs, "dtype": dtype, "seed": seed}
-    run, lm, engine = open_run("compare", names[:3], reproduce, out, model, device, dtype, batch_size)
-    size = n_edges_for(engine.graph, n_edges, percent)
+    run, lm, engine = open_run("compare", names[:3], {"command": "compare", "relations": list(relations)}, out, model,
+                               st)
+    lm_name = model_name(model)
+    size = circuit_size(engine.graph, st)
     pairs, circuits = {}, {}
     for rel, name in zip(relations, names):
-        pairs[name] = prepare_prompts(lm, engine, rel, split=None, known_only=known_only, known_k=1,
-                                      max_pairs=max_pairs, seed=seed, batch_size=batch_size)["all"].pairs
-        circuits[name], _ = find_circuit(run, name, engine, lm, pairs[name], method=method, steps=steps, metric=metric,
-                                         ablation=ablation, n_edges=size, batch_size=batch_size, progress=progress)
+        pairs[name] = prepare_prompts(lm, engine, rel, settings=replace(st.prompts, split=None), seed=st.run.seed,
+                                      batch_size=st.run.batch_size)["all"].pairs
+        circuits[name], _ = find_circuit(run, name, engine, lm, pairs[name], st, n_edges=size, progress=progress)
     ov = {(a, b): overlap(circuits[a], circuits[b]) for a in names for b in names}
     node_j = [[ov[a, b]["node_jaccard"] for b in names] for a in names]
     edge_j = [[ov[a, b]["edge_jaccard"] for b in names] for a in names]
-    faith_cols = {b: faithfulness_on(engine, lm, pairs[b], circuits, metric=metric, ablation=ablation,
-                                     batch_size=batch_size, progress=progress) for b in names}
+    faith_cols = {b: faithfulness_on(engine, lm, pairs[b], circuits, st, progress=progress) for b in names}
     faith = [[faith_cols[b][a] for b in names] for a in names]
     result = {"relations": names, "n_edges": size, "n_prompts": {n: len(p) for n, p in pairs.items()},
               "node_jaccard": node_j, "edge_jaccard": edge_j, "faithfulness": faith,
               "faithfulness_rows": "circuit of the row's relation", "faithfulness_cols": "prompts of the column's relation",
               "composition": {n: composition(c) for n, c in circuits.items()}}
     run.write_json("compare.json", result)
-    finish(run, {"title": f"kcircuits compare: {', '.join(names)} on {model_name}",
-                 "summary": {"model": model_name, "relations": ", ".join(names), "edges per circuit": size,
-                             "method": method},
+    finish(run, {"title": f"kcircuits compare: {', '.join(names)} on {lm_name}",
+                 "summary": {"model": lm_name, "relations": ", ".join(names), "edges per circuit": size,
+                             "method": st.attribution.method},
                  "narrative": _narrative(names, node_j, edge_j, faith),
                  "matrices": [
                      {"title": "Node overlap (Jaccard)", "rows": names, "cols": names, "values": node_j},

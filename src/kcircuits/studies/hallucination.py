@@ -23,17 +23,18 @@ import torch
 from kcircuits.analyze.compare import overlap
 from kcircuits.analyze.head_roles import RoleThresholds, answer_range_of
 from kcircuits.pipeline import answer_ranks, prepare_prompts
+from kcircuits.pipeline import model_name as pipeline_model_name
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.explain import Explanation, explain, layer_trace
 from kcircuits.models import LoadedModel
 from kcircuits.studies.common import (
-    check_common,
+    StudySettings,
+    circuit_size,
     faithfulness_on,
     find_circuit,
     finish,
     head_nodes,
-    n_edges_for,
     open_run,
 )
 
@@ -52,43 +53,27 @@ def _median(values: list[int]) -> float | None:
     return float(torch.tensor(values, dtype=torch.float).median()) if values else None
 
 
-def hallucination(
-    relation: str = "country_capital",
-    model: str | LoadedModel = "smollm2-135m",
-    *,
-    out: str | Path | None = None,
-    method: str = "eap-ig",
-    steps: int = 5,
-    metric: str = "logit_diff",
-    ablation: str = "corrupt",
-    n_edges: int | None = None,
-    percent: float | None = None,
-    max_pairs: int | None = 96,
-    max_per_group: int = 32,
-    min_per_group: int = 4,
-    top_heads: int = 10,
-    thresholds: RoleThresholds | None = None,
-    batch_size: int = 8,
-    device: str | None = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Compare the model's right and wrong answers within one relation; write a run folder."""
-    check_common(method, steps, metric, ablation, batch_size, percent, n_edges)
+def hallucination(relation: str = "country_capital", model: str | LoadedModel = "smollm2-135m", *,
+                  out: str | Path | None = None, max_per_group: int = 32, min_per_group: int = 4, top_heads: int = 10,
+                  thresholds: RoleThresholds | None = None, progress: bool = True, **settings) -> dict:
+    """Compare the model's right and wrong answers within one relation; write a run folder.
+
+    Settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
+    :mod:`kcircuits.settings`, or any of their fields by name; the prompt cap defaults to 96 pairs.
+    """
+    st = StudySettings.from_options(settings, "study hallucination", max_pairs=96)
     if min_per_group < 1 or max_per_group < min_per_group:
         raise KcircuitsError("need 1 <= --min-per-group <= --max-per-group")
     load_dataset(relation)
     thresholds = thresholds or RoleThresholds()
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    reproduce = {"command": "study hallucination", "relation": relation, "model": model_name, "method": method,
-                 "steps": steps, "metric": metric, "ablation": ablation, "n_edges": n_edges, "percent": percent,
-                 "max_pairs": max_pairs, "max_per_group": max_per_group, "top_heads": top_heads,
-                 "thresholds": dataclasses.asdict(thresholds), "dtype": dtype, "seed": seed}
-    run, lm, engine = open_run("hallucination", [Path(relation).stem], reproduce, out, model, device, dtype, batch_size)
+    model_name = pipeline_model_name(model)
+    batch_size = st.run.batch_size
+    reproduce = {"command": "study hallucination", "relation": relation, "max_per_group": max_per_group,
+                 "top_heads": top_heads, "thresholds": dataclasses.asdict(thresholds)}
+    run, lm, engine = open_run("hallucination", [Path(relation).stem], reproduce, out, model, st)
     tok = lm.tokenizer
-    pairs = prepare_prompts(lm, engine, relation, split=None, known_only=False, known_k=1, max_pairs=max_pairs,
-                            seed=seed, batch_size=batch_size)["all"].pairs
+    pairs = prepare_prompts(lm, engine, relation, max_pairs=st.prompts.max_pairs, seed=st.run.seed,
+                            batch_size=batch_size)["all"].pairs
     ranks, top = answer_ranks(engine, pairs, lm.pad_token_id, batch_size)
     right = [p for p, r in zip(pairs, ranks.tolist()) if r == 1][:max_per_group]
     wrong_idx = [i for i, r in enumerate(ranks.tolist()) if r > 1][:max_per_group]
@@ -101,14 +86,12 @@ def hallucination(
     predicted = [dataclasses.replace(pairs[i], answer_ids=[int(top[i])], object=tok.decode([int(top[i])]).strip())
                  for i in wrong_idx]
 
-    size = n_edges_for(engine.graph, n_edges, percent)
-    common = dict(method=method, steps=steps, metric=metric, ablation=ablation, n_edges=size, batch_size=batch_size,
-                  progress=progress)
-    c_right, _ = find_circuit(run, "right", engine, lm, right, **common)
-    c_wrong, _ = find_circuit(run, "wrong", engine, lm, wrong, **common)
+    size = circuit_size(engine.graph, st)
+    c_right, _ = find_circuit(run, "right", engine, lm, right, st, n_edges=size, progress=progress)
+    c_wrong, _ = find_circuit(run, "wrong", engine, lm, wrong, st, n_edges=size, progress=progress)
     circuits = {"right": c_right, "wrong": c_wrong}
-    faith = {group: faithfulness_on(engine, lm, ps, circuits, metric=metric, ablation=ablation, batch_size=batch_size,
-                                    progress=progress) for group, ps in (("right", right), ("wrong", wrong))}
+    faith = {group: faithfulness_on(engine, lm, ps, circuits, st, progress=progress)
+             for group, ps in (("right", right), ("wrong", wrong))}
     ov = overlap(c_right, c_wrong)
 
     answer_range = answer_range_of(pairs) + [int(top[i]) for i in wrong_idx]

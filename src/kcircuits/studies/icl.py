@@ -22,16 +22,17 @@ import torch
 from kcircuits.ablation import mean_activations
 from kcircuits.analyze.head_roles import attention_mass, token_offsets
 from kcircuits.pipeline import answer_ranks, model_batches
+from kcircuits.pipeline import model_name as pipeline_model_name
 from kcircuits.data import build_prompts, load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
 from kcircuits.studies.common import (
-    check_common,
+    StudySettings,
+    circuit_size,
     find_circuit,
     finish,
     head_nodes,
-    n_edges_for,
     open_run,
 )
 
@@ -69,29 +70,17 @@ def _accuracy_with_heads_ablated(engine: Engine, pairs: list, pad_id: int, batch
     return float((ranks == 1).float().mean())
 
 
-def icl(
-    relation: str = "country_currency",
-    model: str | LoadedModel = "smollm2-135m",
-    *,
-    out: str | Path | None = None,
-    ks: Sequence[int] = (0, 1, 2, 3, 4),
-    template: int = 0,
-    method: str = "eap-ig",
-    steps: int = 5,
-    metric: str = "logit_diff",
-    ablation: str = "corrupt",
-    n_edges: int | None = None,
-    percent: float | None = None,
-    max_pairs: int | None = 24,
-    n_random: int = 5,
-    batch_size: int = 8,
-    device: str | None = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Accuracy and circuits with k = 0..4 demonstrations; new heads, their attention and ablation."""
-    check_common(method, steps, metric, ablation, batch_size, percent, n_edges)
+def icl(relation: str = "country_currency", model: str | LoadedModel = "smollm2-135m", *,
+        out: str | Path | None = None, ks: Sequence[int] = (0, 1, 2, 3, 4), template: int = 0, n_random: int = 5,
+        progress: bool = True, **settings) -> dict:
+    """Accuracy and circuits with k = 0..4 demonstrations; new heads, their attention and ablation.
+
+    ``n_random`` random head sets are ablated for comparison. Settings: ``scoring=``,
+    ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of :mod:`kcircuits.settings`, or any
+    of their fields by name; the prompt cap (query subjects) defaults to 24.
+    """
+    st = StudySettings.from_options(settings, "study icl", max_pairs=24)
+    seed, batch_size, max_pairs = st.run.seed, st.run.batch_size, st.prompts.max_pairs
     # the new heads are those absent from the zero-shot circuit, so k = 0 is required
     given = list(ks)
     ks = sorted(set(int(k) for k in given))
@@ -119,11 +108,9 @@ def icl(
     queries = [s for s in ds.samples if s["subject"] not in demo_subjects and s["object"] not in seen]
     if len(demos) < K or len(queries) < 4:
         raise KcircuitsError(f"relation {ds.name!r} has too few samples for {K} demonstrations plus queries")
-    model_name = model.name if isinstance(model, LoadedModel) else model
-    reproduce = {"command": "study icl", "relation": relation, "model": model_name, "ks": ks, "template": template,
-                 "method": method, "steps": steps, "metric": metric, "ablation": ablation, "n_edges": n_edges,
-                 "percent": percent, "max_pairs": max_pairs, "n_random": n_random, "dtype": dtype, "seed": seed}
-    run, lm, engine = open_run("icl", [ds.name], reproduce, out, model, device, dtype, batch_size)
+    model_name = pipeline_model_name(model)
+    reproduce = {"command": "study icl", "relation": relation, "ks": ks, "template": template, "n_random": n_random}
+    run, lm, engine = open_run("icl", [ds.name], reproduce, out, model, st)
     tok = lm.tokenizer
 
     # prompts for every k, on the same query subjects
@@ -140,13 +127,12 @@ def icl(
     pairs = {k: [built[k][s] for s in common] for k in ks}
 
     # accuracy and circuit per k
-    size = n_edges_for(engine.graph, n_edges, percent)
+    size = circuit_size(engine.graph, st)
     accuracy, circuits = {}, {}
     for k in ks:
         ranks, _ = answer_ranks(engine, pairs[k], lm.pad_token_id, batch_size)
         accuracy[k] = float((ranks == 1).float().mean())
-        circuits[k], _ = find_circuit(run, f"k{k}", engine, lm, pairs[k], method=method, steps=steps, metric=metric,
-                                      ablation=ablation, n_edges=size, batch_size=batch_size, progress=progress)
+        circuits[k], _ = find_circuit(run, f"k{k}", engine, lm, pairs[k], st, n_edges=size, progress=progress)
     base = head_nodes(circuits[0])
     new_by_k = {k: sorted(head_nodes(circuits[k]) - base) for k in ks if k > 0}
     new_heads = sorted(set().union(*new_by_k.values()), key=engine.graph.src_index)
