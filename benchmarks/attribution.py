@@ -114,7 +114,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--param-grads", action="store_true",
-                    help="also time the HF baseline with parameter gradients (slow on CPU: the tied 49k x 576 embedding)")
+                    help="also time the HF baseline with parameter gradients "
+                         "(slow on CPU: the tied 49k x 576 embedding)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,10 +133,13 @@ def main() -> None:
             model = load_model(name, device=args.device)
         rows.append(bench(name, model, args.batch, args.length, args.steps, args.repeats, args.param_grads))
         r = rows[-1]
-        print(f"{r['model']:<12} batch {r['batch']:<6} edges {r['edges']:>7}  EAP-IG(m={args.steps}) {r['eap_ig_s']:.3f}s  "
-              f"HF {args.steps}xfwd+bwd+2xfwd: {r['hf_params_s']:.3f}s (param grads) / {r['hf_frozen_s']:.3f}s (frozen)  "
+        print(f"{r['model']:<12} batch {r['batch']:<6} edges {r['edges']:>7}  "
+              f"EAP-IG(m={args.steps}) {r['eap_ig_s']:.3f}s  "
+              f"HF {args.steps}xfwd+bwd+2xfwd: {r['hf_params_s']:.3f}s (param grads) / "
+              f"{r['hf_frozen_s']:.3f}s (frozen)  "
               f"ratio {r['ratio_attr_vs_params']:.2f} / {r['ratio_attr_vs_frozen']:.2f}  |  "
-              f"eval 1% circuit {r['eval_s'] * 1000:.0f}ms vs HF fwd {r['hf_fwd_s'] * 1000:.0f}ms  ratio {r['ratio_eval']:.2f}",
+              f"eval 1% circuit {r['eval_s'] * 1000:.0f}ms vs HF fwd {r['hf_fwd_s'] * 1000:.0f}ms  "
+              f"ratio {r['ratio_eval']:.2f}",
               flush=True)
 
 

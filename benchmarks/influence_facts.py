@@ -2,7 +2,7 @@
 
 1. Invent facts (``kcircuits.influence.facts``): each stated in 3 paraphrased source documents, mixed
    with distractors (same person without the fact, the answer without the person, the person with
-   another fact's answer, generic filler).
+   another fact's answer, generic filler). Fine-tuning and the tiny model: ``facts_setup.py``.
 2. Fine-tune the model on the corpus until it knows the facts (first-token accuracy of the queries
    before/after is reported). To stay affordable on a CPU only the MLPs of a few upper layers are
    trained (``--train-only``); influence tracks the same modules (``--include``): the parameters
@@ -36,15 +36,17 @@ from kcircuits.io import atomic_torch_save, atomic_write_json
 from kcircuits.influence.analysis import recall_at_k
 from kcircuits.influence.bm25 import BM25
 from kcircuits.influence.factors import Factors, fit_factors
-from kcircuits.influence.facts import (
-    WordTokenizer,
-    completion_accuracy,
-    finetune,
-    make_facts_corpus,
-    tiny_llama,
-)
+from kcircuits.influence.facts import make_facts_corpus
 from kcircuits.influence.scores import pairwise_scores
 from kcircuits.influence.sequences import Sequences
+from kcircuits.models import weights_fingerprint
+
+try:  # imported as benchmarks.<script> (tests, python -m) with the repository root on sys.path
+    from benchmarks.facts_setup import WordTokenizer, completion_accuracy, finetune, tiny_llama
+except ModuleNotFoundError as exc:  # run as a script: this folder is on sys.path
+    if exc.name != "benchmarks":
+        raise
+    from facts_setup import WordTokenizer, completion_accuracy, finetune, tiny_llama
 
 METHODS = ("ekfac", "kfac", "lissa", "identity", "ekfac_relative", "identity_relative", "ekfac_margin",
            "ekfac_relative_margin", "identity_margin", "bm25", "bm25_prompt")
@@ -228,11 +230,12 @@ def finetune_config(args) -> dict:
 
 def cached_factors(strategy: str, model, train: Sequences, args, include, epoch: int | None = None) -> tuple:
     """``(factors, fit seconds)``: fitted here, or loaded from ``--finetuned``'s companion folder
-    when an earlier run of the same configuration saved them (the fit time is the original one).
-    ``epoch``: the model holds that epoch's checkpoint, not the final weights."""
+    when an earlier run of the same configuration and the same weights saved them (the fit time is
+    the original one). ``epoch``: the model holds that epoch's checkpoint, not the final weights."""
     suffix = "" if epoch is None else f"-epoch{epoch}"
     folder = Path(f"{args.finetuned}.{strategy}-factors{suffix}") if args.finetuned else None
-    config = {**finetune_config(args), "include": include, **({} if epoch is None else {"epoch": epoch})}
+    config = {**finetune_config(args), "include": include, "weights": weights_fingerprint(model),
+              **({} if epoch is None else {"epoch": epoch})}
     if folder is not None and (folder / "fit_seconds.json").exists():
         info = json.loads((folder / "fit_seconds.json").read_text())
         if info["config"] == config:

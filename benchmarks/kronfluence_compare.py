@@ -37,10 +37,17 @@ from pathlib import Path
 import torch
 
 from kcircuits.influence.factors import fit_factors
-from kcircuits.influence.facts import WordTokenizer, make_facts_corpus, tiny_llama
+from kcircuits.influence.facts import make_facts_corpus
 from kcircuits.influence.modules import tracked_modules
 from kcircuits.influence.scores import pairwise_scores
 from kcircuits.influence.sequences import Sequences
+
+try:  # imported as benchmarks.<script> (tests, python -m) with the repository root on sys.path
+    from benchmarks.facts_setup import WordTokenizer, tiny_llama
+except ModuleNotFoundError as exc:  # run as a script: this folder is on sys.path
+    if exc.name != "benchmarks":
+        raise
+    from facts_setup import WordTokenizer, tiny_llama
 
 
 def parse_args(argv=None) -> argparse.Namespace:

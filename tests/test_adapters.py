@@ -25,7 +25,8 @@ def engine_logits(model, ids, grouped=True):
 @pytest.mark.parametrize("grouped", [True, False])
 def test_engine_matches_hf(family, grouped):
     model = tiny_model(family)
-    ids = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(1))  # longer than rope's original window
+    # longer than rope's original window
+    ids = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.hf_model(ids).logits
         ours = engine_logits(model, ids, grouped)
@@ -58,7 +59,8 @@ def test_shared_weights_are_views():
     for family in ("llama", "gpt2"):
         hf = tiny_hf(family)
         w = adapt(hf)
-        first = hf.model.layers[0].self_attn.q_proj.weight if family == "llama" else hf.transformer.h[0].attn.c_attn.weight
+        first = (hf.model.layers[0].self_attn.q_proj.weight if family == "llama"
+                 else hf.transformer.h[0].attn.c_attn.weight)
         with torch.no_grad():
             first.mul_(2)
         ref = w.blocks[0].attn.W_Q
@@ -99,8 +101,8 @@ def test_mlp_hidden_is_what_the_down_projection_receives(family):
         down = hf.get_submodule(w_out.param_name.rsplit(".", 1)[0])
         mlp_module = hf.get_submodule(w_out.param_name.rsplit(".", 2)[0])
         seen = {}
-        hooks = [down.register_forward_pre_hook(lambda m, args: seen.__setitem__("key", args[0])),
-                 mlp_module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))]
+        hooks = [down.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("key", args[0])),
+                 mlp_module.register_forward_hook(lambda m, args, out, seen=seen: seen.update(x=args[0], out=out))]
         try:
             with torch.no_grad():
                 hf(ids)

@@ -38,7 +38,8 @@ def test_discover_writes_complete_run_folder(tiny, tmp_path):
     assert abs(points[-1]["faithfulness_of_means"] - 1) < 1e-4  # the whole graph is the full model
     xs = [0.0] + [p["percent"] / 100 for p in points]
     fs = [0.0] + [p["faithfulness_of_means"] for p in points]
-    cpr = sum((x1 - x0) * (f0 + f1) / 2 for x0, x1, f0, f1 in zip(xs, xs[1:], fs, fs[1:]))
+    # consecutive points: the shifted lists are one shorter by design
+    cpr = sum((x1 - x0) * (f0 + f1) / 2 for x0, x1, f0, f1 in zip(xs, xs[1:], fs, fs[1:], strict=False))
     assert abs(m["curve"]["cpr"] - cpr) < 1e-9 and m["curve"]["cmd"] >= 0
     t = m["sets"]["test"]
     assert t["random_baseline"]["n_draws"] == 1
@@ -87,7 +88,8 @@ def test_rerun_reuses_finished_steps_and_resumes_after_crash(tiny, tmp_path, mon
 def test_other_config_in_same_folder_is_refused(tiny, tmp_path):
     api.discover("country_capital", tiny, out=tmp_path / "r", curve=False, **{**SMALL, "n_random": 0})
     with pytest.raises(KcircuitsError, match="different configuration"):
-        api.discover("country_capital", tiny, out=tmp_path / "r", metric="logprob", curve=False, **{**SMALL, "n_random": 0})
+        api.discover("country_capital", tiny, out=tmp_path / "r", metric="logprob", curve=False,
+                     **{**SMALL, "n_random": 0})
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
@@ -253,7 +255,8 @@ def test_an_edited_model_gets_its_own_run_folder_and_the_original_reuses_its_own
     assert not torch.equal(changed.scores, original.scores)
     again = api.discover("country_capital", tiny, **opts)
     assert again.folder == original.folder and attributed == [1]  # the original's scores reused
-    cfgs = [json.loads((f / "config.json").read_text())["reproduce"]["weights"] for f in (original.folder, changed.folder)]
+    cfgs = [json.loads((f / "config.json").read_text())["reproduce"]["weights"]
+            for f in (original.folder, changed.folder)]
     assert cfgs[0] != cfgs[1]
 
 

@@ -53,7 +53,8 @@ def test_every_random_draw_has_the_circuits_exact_pruned_size():
                 assert prune(c).n_edges == c.n_edges == circuit.n_edges  # pruning removes nothing
 
 
-@pytest.mark.parametrize("graph", [Graph(30, 9, 3, True, False), Graph(3, 4, 4, True, True), Graph(2, 6, 2, False, False)],
+@pytest.mark.parametrize("graph",
+                         [Graph(30, 9, 3, True, False), Graph(3, 4, 4, True, True), Graph(2, 6, 2, False, False)],
                          ids=["smollm2-shape", "parallel", "ungrouped"])
 def test_random_circuits_are_exact_valid_and_reproducible(graph):
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +81,8 @@ def test_random_circuits_are_exact_valid_and_reproducible(graph):
 
 def test_random_circuits_match_the_node_count_when_the_edge_budget_allows():
     g = Graph(30, 9, 3, True, False)
-    found = select(g, torch.randn(g.n_src, g.n_dst, generator=torch.Generator().manual_seed(1)), 700, selection="greedy")
+    found = select(g, torch.randn(g.n_src, g.n_dst, generator=torch.Generator().manual_seed(1)), 700,
+                   selection="greedy")
     shape = CircuitShape.of(found)
     assert shape.n_edges >= 2 * shape.n_nodes  # budget for two edges per node
     for kind in RANDOM_KINDS:
@@ -136,9 +138,9 @@ def test_chance_line_is_one_when_the_corrupted_run_already_ranks_the_answer_in_t
 
 
 def test_report_and_cli_show_chance_and_same_size_random(tiny_smol_dir, tmp_path, capsys):
-    code = main(["discover", "country_capital", "--model", str(tiny_smol_dir), "--out", str(tmp_path / "r"), "--percent",
-                 "20", "--max-pairs", "8", "--batch-size", "4", "--random-draws", "2", "--steps", "2", "--quiet",
-                 "--split", "0.5", "--explain-prompts", "4", "--no-curve"])
+    code = main(["discover", "country_capital", "--model", str(tiny_smol_dir), "--out", str(tmp_path / "r"),
+                 "--percent", "20", "--max-pairs", "8", "--batch-size", "4", "--random-draws", "2", "--steps", "2",
+                 "--quiet", "--split", "0.5", "--explain-prompts", "4", "--no-curve"])
     assert code == 0
     out = capsys.readouterr().out
     assert "chance" in out and "random" in out
@@ -180,12 +182,12 @@ def test_known_only_on_discover_tests_on_every_held_out_fact(tiny, monkeypatch):
         return real(engine, pairs, *a, **kw)
 
     monkeypatch.setattr(pipeline, "known_filter", spy)
-    both = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=True, known_k=KNOWN_K, max_pairs=None,
-                               seed=0, batch_size=8)
+    both = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=True, known_k=KNOWN_K,
+                               max_pairs=None, seed=0, batch_size=8)
     assert len(seen) == 2
     seen.clear()
-    disc = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=True, known_k=KNOWN_K, max_pairs=None,
-                               seed=0, batch_size=8, known_only_on="discover")
+    disc = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=True, known_k=KNOWN_K,
+                               max_pairs=None, seed=0, batch_size=8, known_only_on="discover")
     assert len(seen) == 1  # only the discovery half is filtered
     plain = api.prepare_prompts(tiny, eng, "country_capital", split=0.5, known_only=False, known_k=KNOWN_K,
                                 max_pairs=None, seed=0, batch_size=8)
@@ -203,8 +205,8 @@ def test_the_pair_cap_is_drawn_the_same_way_with_and_without_filtering(tiny):
     assert [p.clean_text for p in plain.pairs] == [p.clean_text for p in cap_pairs(all_pairs, 10, 0)]
     assert [p.clean_text for p in build_prompts(ds, tiny.tokenizer, max_pairs=10, seed=0).pairs] == \
         [p.clean_text for p in plain.pairs]
-    known = api.prepare_prompts(tiny, eng, "country_capital", split=None, known_only=True, known_k=KNOWN_K, max_pairs=10,
-                                seed=0, batch_size=8)["all"]
+    known = api.prepare_prompts(tiny, eng, "country_capital", split=None, known_only=True, known_k=KNOWN_K,
+                                max_pairs=10, seed=0, batch_size=8)["all"]
     kept, _ = api.known_filter(eng, all_pairs, tiny.pad_token_id, KNOWN_K, 8)
     assert [p.clean_text for p in known.pairs] == [p.clean_text for p in cap_pairs(kept, 10, 0)]
     assert known.skipped["over_max_pairs"] == len(kept) - 10

@@ -140,7 +140,8 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
     driver.execute_script("document.getElementById('kcv-stage').scrollIntoView({block: 'center'})")
     over = driver.find_element(By.ID, "kcv-over")
     tip = driver.find_element(By.ID, "kcv-tip")
-    for src, dst, score in circuit.edge_list():  # an edge whose middle is clear of nodes and other edges
+    for edge in circuit.edge_list():  # an edge whose middle is clear of nodes and other edges
+        src, dst, score = edge  # all three are read after the loop
         mid = driver.execute_script("return kcViewer.edgeXY(arguments[0])", f"{src}->{dst}")
         hit = driver.execute_script("return kcViewer.hitAt(arguments[0], arguments[1])", mid["ox"], mid["oy"])
         if hit["edge"] == f"{src}->{dst}":
@@ -178,7 +179,8 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
     # ... and the slider, through its input event
     driver.execute_script("var s=document.getElementById('kcv-n'); s.value='60'; s.dispatchEvent(new Event('input'))")
     assert _wait(driver, "return document.getElementById('kcv').getAttribute('data-n') === '60'")
-    assert set(driver.execute_script("return kcViewer.selectedEdges()")) == _names(graph, prune(select_topn(graph, scores, 60)).edges)
+    assert (set(driver.execute_script("return kcViewer.selectedEdges()"))
+            == _names(graph, prune(select_topn(graph, scores, 60)).edges))
     for n in [0, 1, 2, 5, 9, 25, 80, 150, graph.n_edges]:
         got = driver.execute_script("kcViewer.selectN(arguments[0]); return kcViewer.selectedEdges()", n)
         assert set(got) == _names(graph, prune(select_topn(graph, scores, n)).edges), n
@@ -205,7 +207,8 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
     svg = driver.execute_script("return kcViewer.exportSVG()")
     ET.fromstring(svg)
     assert svg.count("<path") >= 1 and target in svg
-    size = driver.execute_async_script("var done = arguments[0]; kcViewer.pngBlob(2).then(function (b) { done(b.size); });")
+    size = driver.execute_async_script(
+        "var done = arguments[0]; kcViewer.pngBlob(2).then(function (b) { done(b.size); });")
     assert size > 1000
     driver.execute_script("kcViewer.clickAt(-100, -100)")  # a miss changes nothing
     driver.set_window_size(1300, 1000)
@@ -223,7 +226,8 @@ def test_viewer_edge_cases_in_chromium(driver, tmp_path: Path) -> None:
     _report(graph, empty, scores, None, page)
     _open(driver, page)
     assert driver.execute_script("return kcViewer.state().drawn") == 0
-    assert driver.execute_script("kcViewer.selectN(30); return kcViewer.state().drawn") == prune(select_topn(graph, scores, 30)).n_edges
+    assert (driver.execute_script("kcViewer.selectN(30); return kcViewer.state().drawn")
+            == prune(select_topn(graph, scores, 30)).n_edges)
     driver.execute_script("kcViewer.clickAt(kcViewer.nodeClientXY('logits').ox, kcViewer.nodeClientXY('logits').oy)")
     assert "logits" in driver.find_element("id", "kcv-panel").text
 
@@ -265,7 +269,8 @@ def test_redraw_10k_edges(driver, tmp_path: Path) -> None:
     # the slider is logarithmic here: its end is the last stored edge, its middle about sqrt of that
     driver.execute_script("var s=document.getElementById('kcv-n'); s.value=s.max; s.dispatchEvent(new Event('input'))")
     assert _wait(driver, "return document.getElementById('kcv').getAttribute('data-n') === '50000'")
-    driver.execute_script("var s=document.getElementById('kcv-n'); s.value=s.max/2; s.dispatchEvent(new Event('input'))")
+    driver.execute_script(
+        "var s=document.getElementById('kcv-n'); s.value=s.max/2; s.dispatchEvent(new Event('input'))")
     assert _wait(driver, "return document.getElementById('kcv').getAttribute('data-n') === '224'")
     driver.execute_script("kcViewer.showCircuit()")
     redraw = driver.execute_script("return kcViewer.benchRedraw(7)")

@@ -84,8 +84,10 @@ def test_mask_ones_is_clean_zeros_is_corrupt(family):
     _, eng, batch, clean, corrupt = setup(family)
     g = eng.graph
     with torch.no_grad():
-        ones = eng.run(eng.embed(batch.clean), batch.target_pos, mask=torch.ones(g.n_src, g.n_dst), ablated=corrupt.acts)
-        zeros = eng.run(eng.embed(batch.clean), batch.target_pos, mask=torch.zeros(g.n_src, g.n_dst), ablated=corrupt.acts)
+        ones = eng.run(eng.embed(batch.clean), batch.target_pos, mask=torch.ones(g.n_src, g.n_dst),
+                       ablated=corrupt.acts)
+        zeros = eng.run(eng.embed(batch.clean), batch.target_pos, mask=torch.zeros(g.n_src, g.n_dst),
+                        ablated=corrupt.acts)
     assert (ones.logits - clean.logits).abs().max() <= TOL
     assert (zeros.logits - corrupt.logits).abs().max() <= TOL
     assert (clean.logits - corrupt.logits).abs().max() > 1e-2  # the two runs really differ
@@ -169,9 +171,10 @@ def test_sparse_product_silences_only_the_csr_beta_warning(monkeypatch):
     real = torch.Tensor.to_sparse_csr
 
     def noisy(self, *args, **kwargs):
-        warnings.warn("Sparse CSR tensor support is in beta state. (stand-in for torch's notice)", UserWarning)
-        warnings.warn("something else went wrong", UserWarning)
-        warnings.warn("a runtime problem", RuntimeWarning)
+        warnings.warn("Sparse CSR tensor support is in beta state. (stand-in for torch's notice)", UserWarning,
+                      stacklevel=2)
+        warnings.warn("something else went wrong", UserWarning, stacklevel=2)
+        warnings.warn("a runtime problem", RuntimeWarning, stacklevel=2)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to_sparse_csr", noisy)

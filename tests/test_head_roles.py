@@ -46,7 +46,7 @@ def _hand_built_model():
         tr = hf.transformer
         W = torch.zeros(D, 3 * D)  # Conv1D [d_in, q | k | v]
         b = torch.zeros(3 * D)
-        O = torch.zeros(D, D)  # c_proj [concat heads, d_out]
+        W_O = torch.zeros(D, D)  # c_proj [concat heads, d_out]
         q0, k0, v0 = 0, D, 2 * D
         for h in range(4):
             b[q0 + h * E] = 1.0  # every position queries with the same vector
@@ -54,19 +54,19 @@ def _hand_built_model():
             W[s, k0 + 0 * E] = 5.0  # h0 keys: subject tokens
             W[s, k0 + 2 * E] = 5.0  # h2 keys: subject tokens ...
             W[s, v0 + 0 * E + s - 1] = 1.0  # h0 copies the subject
-            O[0 * E + s - 1, s] = 1.0
+            W_O[0 * E + s - 1, s] = 1.0
             W[s, v0 + 2 * E + s - 1] = 1.0  # h2 copies the subject ...
-            O[2 * E + s - 1, s] = 1.0
+            W_O[2 * E + s - 1, s] = 1.0
         W[REL, k0 + 1 * E] = 5.0  # h1 keys: the relation token
         W[REL, k0 + 2 * E] = 5.0  # ... and h2's too
         W[REL, v0 + 1 * E] = 1.0
         W[REL, v0 + 2 * E + 3] = 1.0
         for s in SUBJECTS:  # the relation token's value raises the whole answer range
-            O[1 * E, s] = 1.0
-            O[2 * E + 3, s] = 1.0
+            W_O[1 * E, s] = 1.0
+            W_O[2 * E + 3, s] = 1.0
         tr.h[1].attn.c_attn.weight.copy_(W)
         tr.h[1].attn.c_attn.bias.copy_(b)
-        tr.h[1].attn.c_proj.weight.copy_(O)
+        tr.h[1].attn.c_proj.weight.copy_(W_O)
     return Engine(from_hf(hf).weights)
 
 
@@ -142,9 +142,10 @@ def test_token_roles_marks_subject_relation_and_demonstration(smollm2_tokenizer)
     pair = SimpleNamespace(template=tpl, subject="France", clean_text=text, clean_ids=ids, corrupt_ids=ids)
     kinds = token_roles(tok, [pair], len(ids) + 2)[0]
     words = [tok.decode([i]) for i in ids]
-    subj = [w for w, k in zip(words, kinds) if k == SUBJECT]
-    rel = "".join(w for w, k in zip(words, kinds) if k == RELATION)
-    other = "".join(w for w, k in zip(words, kinds) if k == OTHER)
+    # kinds is padded to the width (len(ids) + 2); the padding has no word
+    subj = [w for w, k in zip(words, kinds, strict=False) if k == SUBJECT]
+    rel = "".join(w for w, k in zip(words, kinds, strict=False) if k == RELATION)
+    other = "".join(w for w, k in zip(words, kinds, strict=False) if k == OTHER)
     assert "".join(subj).strip() == "France"
     assert rel.split() == ["The", "capital", "of", "is"]
     assert "Valletta" in other and "Malta" in other

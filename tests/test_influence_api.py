@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from benchmarks.facts_setup import WordTokenizer, completion_accuracy, finetune
 from tests.model_helpers import crash_on_call, tiny_hf
 
 from kcircuits.errors import KcircuitsError
@@ -16,12 +17,7 @@ from kcircuits.influence.bm25 import BM25
 from kcircuits.influence.cli import add_parser, run
 from kcircuits.influence.corpus import load_corpus, load_queries
 from kcircuits.influence.factors import Factors, fit_factors
-from kcircuits.influence.facts import (
-    WordTokenizer,
-    completion_accuracy,
-    finetune,
-    make_facts_corpus,
-)
+from kcircuits.influence.facts import make_facts_corpus
 from kcircuits.influence.scores import pairwise_scores
 from kcircuits.influence.sequences import Sequences
 from kcircuits.io import load_tensors
@@ -135,7 +131,7 @@ def test_relative_scores_through_the_api(tmp_path):
     mods = tracked_modules(lm.hf_model)
     grads = flatten(sequence_grads(*token_grads(lm.hf_model, train, mods, LMObjective())), list(mods))
     assert torch.allclose(norms, grads.norm(dim=1), rtol=1e-4)
-    assert json.loads((rel.folder / "config.json").read_text())["reproduce"]["normalize"] == "relative"
+    assert json.loads((rel.folder / "config.json").read_text())["reproduce"]["score"]["normalize"] == "relative"
     margin = api.score(lm, queries, corpus, out=tmp_path / "margin", measurement="margin", **kw)
     q = load_queries(queries, lm.tokenizer, 32)
     want = pairwise_scores(lm.hf_model, q, train, strategy="identity", measurement="margin", progress=False).total
@@ -189,13 +185,10 @@ def test_checkpoint_scores_are_the_sum_of_each_models_scores(tmp_path, monkeypat
 
     # highlighted tokens are summed over the models too: a top pair's tokens add up to its score
     q, train = api._tokenise(api._read(queries, True), lm, 32), api._tokenise(api._read(corpus, False), lm, 32)
-    opts = {"fisher": "true", "damping": "heuristic", "batch_size": 8, "include": None, "seed": 0, "progress": False,
-            "checkpoint_seconds": 60.0, "device": "cpu", "dtype": "float32", "max_length": 32}
     folders = [(tmp_path / "sum" / name, m) for name, m in (("model", lm), ("checkpoint-1", ck))]
     stages = [api.Stage(m, None, api.RunFolder(f, json.loads((f / "config.json").read_text()))) for f, m in folders]
-    kwargs = {"strategy": "ekfac", "query_rank": None, "normalize": None, "measurement": "logprob", "batch_size": 8,
-              "lissa": None, "include": None, "progress": False}
-    tokens = api._token_scores(stages, lm, q, train, res.parts, res.train_index, 3, True, opts, kwargs)
+    st = api.ScoreSettings(max_length=32, query_rank=None, top_k=3)
+    tokens = api._token_scores(stages, lm, q, train, res.parts, res.train_index, st, False)
     for (qi, ci), t in tokens.items():
         assert t.sum() == pytest.approx(float(res.total[qi, ci]), rel=1e-3, abs=1e-5)
 

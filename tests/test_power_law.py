@@ -195,7 +195,7 @@ def test_lognormal_loglik_is_accurate_far_into_either_tail(mu, sigma):
     got = [_lognormal_loglik_sum(np.array([x]), x_min, mu, sigma) for x in xs]
     m, s = mpmath.mpf(mu), mpmath.mpf(sigma)
     q = mpmath.erfc((mpmath.log(x_min) - m) / (s * mpmath.sqrt(2))) / 2
-    for x, value in zip(xs, got):
+    for x, value in zip(xs, got, strict=True):
         x = mpmath.mpf(x)
         exact = (-mpmath.log(x * s * mpmath.sqrt(2 * mpmath.pi)) - (mpmath.log(x) - m) ** 2 / (2 * s ** 2)
                  - mpmath.log(q))

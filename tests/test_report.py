@@ -377,7 +377,7 @@ def test_curve_is_a_log_percent_line_chart() -> None:
     assert "edges kept (% of all edges, log scale)" in texts
     for label in ("circuit (mean)", "\u00b1 std", "random edges", "full model (1.0)"):
         assert label in texts
-    xs = dict(zip([0.1, 0.2, 1, 5, 10, 20, 50, 100], _marker_x(svg, "#2563eb")))  # the 8 finite means
+    xs = dict(zip([0.1, 0.2, 1, 5, 10, 20, 50, 100], _marker_x(svg, "#2563eb"), strict=True))  # the 8 finite means
     assert xs[10] - xs[1] == pytest.approx(xs[100] - xs[10], abs=0.2)  # one decade, one distance
     assert xs[1] - xs[0.1] == pytest.approx(xs[10] - xs[1], abs=0.2)
     root = ET.fromstring(svg)

@@ -61,9 +61,10 @@ def test_edges_decode_to_graph_edges_in_score_order(shape) -> None:
     assert p["edges"]["n"] == p["edges"]["n_total"] == p["edges"]["n_ordered"] == graph.n_edges == len(src)
     assert not p["edges"]["capped"]
     exists = graph.edge_exists()
-    pairs = set(zip(src.tolist(), dst.tolist()))
+    pairs = set(zip(src.tolist(), dst.tolist(), strict=True))
     assert len(pairs) == graph.n_edges and all(exists[s, d] for s, d in pairs)
-    np.testing.assert_array_equal(sc, scores[torch.as_tensor(src.astype(np.int64)), torch.as_tensor(dst.astype(np.int64))].numpy())
+    np.testing.assert_array_equal(
+        sc, scores[torch.as_tensor(src.astype(np.int64)), torch.as_tensor(dst.astype(np.int64))].numpy())
     assert np.all(np.diff(np.abs(sc)) <= 0)  # by decreasing |score|
     assert p["edges"]["max_abs"] == pytest.approx(float(scores.abs().max()))
     # graph shape
@@ -71,7 +72,7 @@ def test_edges_decode_to_graph_edges_in_score_order(shape) -> None:
     assert p["src_names"] == graph.src_names and p["dst_names"] == graph.dst_names
     assert p["dst_feeds"] == [graph.dst_feeds(d) for d in range(graph.n_dst)]
     assert p["dst_kind"] == [graph.dst_kind(d) for d in range(graph.n_dst)]
-    for d, name in enumerate(graph.dst_names):
+    for d in range(len(graph.dst_names)):
         owners = p["dst_owners"][d]
         assert owners == ([graph.src_names[s] for s in graph.dst_feeds(d)] or ["logits"])
         node = p["dst_node"][d]

@@ -3,7 +3,6 @@
 __version__ = "0.1.0"
 
 from kcircuits.errors import KcircuitsError  # noqa: E402
-from kcircuits.models import load_model  # noqa: E402
 
 
 def __getattr__(name):
@@ -12,6 +11,10 @@ def __getattr__(name):
         from kcircuits import api
 
         return getattr(api, name)
+    if name == "load_model":
+        from kcircuits.models import load_model
+
+        return load_model
     if name in ("Graph", "Circuit"):
         from kcircuits import graph
 

@@ -216,7 +216,8 @@ def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Gr
 def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | None, sets: dict[str, PromptSplit],
                      lm: LoadedModel, *, scoring: ScoringSettings, size: CircuitSize, evaluation: EvaluationSettings,
                      run: RunSettings, progress: bool) -> dict:
-    """Evaluate a circuit on each prompt set; random baselines and the curve (from ``scores``) on the last (test) set."""
+    """Evaluate a circuit on each prompt set; random baselines and the curve (from ``scores``) on the last
+    (test) set."""
     out: dict = {"sets": {}}
     last = list(sets)[-1]
     for role, ps in sets.items():

@@ -7,8 +7,8 @@ positions receive zero gradient from metrics read at real positions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 
@@ -40,10 +40,10 @@ class Batch:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int) -> list[Batch]:
         """Consecutive sub-batches of at most ``size`` prompts (to bound per-pass memory)."""
         return [Batch(**{f.name: getattr(self, f.name)[i : i + size] for f in fields(self)})
                 for i in range(0, len(self), max(1, size))]
@@ -63,8 +63,10 @@ def make_batch(pairs: Sequence, pad_id: int, answer_scoring: str = "first_token"
     for pair in pairs:
         if len(pair.clean_ids) != len(pair.corrupt_ids):
             raise KcircuitsError(
-                f"clean and corrupt prompts differ in token length ({len(pair.clean_ids)} vs {len(pair.corrupt_ids)}): "
-                f"{getattr(pair, 'clean_text', '')!r} / {getattr(pair, 'corrupt_text', '')!r}; patching needs equal lengths"
+                f"clean and corrupt prompts differ in token length "
+                f"({len(pair.clean_ids)} vs {len(pair.corrupt_ids)}): "
+                f"{getattr(pair, 'clean_text', '')!r} / {getattr(pair, 'corrupt_text', '')!r}; "
+                "patching needs equal lengths"
             )
         if not pair.answer_ids or not pair.corrupt_answer_ids:
             raise KcircuitsError(f"empty answer tokens for {getattr(pair, 'clean_text', '')!r}")

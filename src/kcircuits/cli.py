@@ -28,7 +28,8 @@ def _settings_args(p: argparse.ArgumentParser, names: tuple[str, ...], exclude: 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in names:
         cls = getattr(settings, name)
-        settings.add_arguments(p, cls, exclude=exclude, defaults=defaults, group=p.add_argument_group(f"{settings.param_name(cls)} settings"))
+        settings.add_arguments(p, cls, exclude=exclude, defaults=defaults,
+                               group=p.add_argument_group(f"{settings.param_name(cls)} settings"))
 
 
 def _settings_from(args, names: tuple[str, ...]) -> dict:
@@ -45,10 +46,13 @@ def _thresholds_args(p: argparse.ArgumentParser) -> None:
     t = RoleThresholds()
     g = p.add_argument_group("head-role thresholds")
     g.add_argument("--subject-mass-min", type=float, default=t.subject_mass_min, help="mover: attention to the subject")
-    g.add_argument("--relation-mass-min", type=float, default=t.relation_mass_min, help="relation head: attention to the relation")
-    g.add_argument("--answer-z-min", type=float, default=t.answer_z_min, help="mover: z-score of the answer's direct effect")
+    g.add_argument("--relation-mass-min", type=float, default=t.relation_mass_min,
+                   help="relation head: attention to the relation")
+    g.add_argument("--answer-z-min", type=float, default=t.answer_z_min,
+                   help="mover: z-score of the answer's direct effect")
     g.add_argument("--specificity-min", type=float, default=t.specificity_min, help="mover: answer z minus range z")
-    g.add_argument("--range-z-min", type=float, default=t.range_z_min, help="relation head: z-score on the answer range")
+    g.add_argument("--range-z-min", type=float, default=t.range_z_min,
+                   help="relation head: z-score on the answer range")
 
 
 def _thresholds(args):
@@ -73,7 +77,8 @@ def _study_kwargs(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kcircuits", description="Find and measure knowledge circuits in language models.")
+    parser = argparse.ArgumentParser(prog="kcircuits",
+                                     description="Find and measure knowledge circuits in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("discover", help="find the circuit of a relation and evaluate it")
@@ -104,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = studies.add_parser("icl", help="k = 0..4 demonstrations: accuracy, circuits, heads that appear only with "
                                        "demonstrations and their ablation vs random heads")
     i.add_argument("relation")
-    i.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="numbers of demonstrations (must include 0)")
+    i.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="numbers of demonstrations (must include 0)")
     i.add_argument("--template", type=int, default=0, help="index of the relation's template to use")
     i.add_argument("--random-draws", type=int, default=5, help="random head sets ablated for comparison")
     _study_args(i, 24)
@@ -146,7 +152,7 @@ def _compare(args) -> None:
     width = max(len(n) for n in names) + 2
     print(f"faithfulness of the row's circuit ({res['n_edges']} edges) on the column's prompts:")
     print(" " * width + "".join(f"{n[:10]:>11}" for n in names))
-    for name, row in zip(names, res["faithfulness"]):
+    for name, row in zip(names, res["faithfulness"], strict=True):
         print(f"{name:<{width}}" + "".join(f"{v:>11.3f}" for v in row))
     print(f"report: {res['folder']}/report.html")
 
@@ -199,7 +205,8 @@ def _datasets(args) -> None:
 
     if args.name:
         ds = load_dataset(args.name)
-        print(f"{ds.name} ({ds.category}): {len(ds.samples)} samples, {len(ds.prompt_templates)} templates, from {ds.source}")
+        print(f"{ds.name} ({ds.category}): {len(ds.samples)} samples, {len(ds.prompt_templates)} templates, "
+              f"from {ds.source}")
         for t in ds.prompt_templates:
             print(f"  template: {t}")
         for s in ds.samples[:10]:
@@ -234,8 +241,8 @@ def _models(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study, "influence": _influence,
-                "datasets": _datasets, "models": _models}
+    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study,
+                "influence": _influence, "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)
     except KcircuitsError as exc:

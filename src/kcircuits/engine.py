@@ -131,7 +131,8 @@ class Engine:
         h = blk.ln1(x_dst)
         groups = self.dest_groups(blk.attn)
         bounds = [group.first for group in groups] + [x_dst.shape[0]]
-        return tuple(self._project_heads(h[lo:hi], Wh, bh) for (lo, Wh, bh), hi in zip(groups, bounds[1:]))
+        return tuple(self._project_heads(h[lo:hi], Wh, bh)
+                     for (lo, Wh, bh), hi in zip(groups, bounds[1:], strict=True))
 
     def _project_mixed(self, blk: Block, base: torch.Tensor, cols: torch.Tensor, x_own: torch.Tensor):
         """q/k/v when only destinations ``cols`` have their own inputs ``x_own [len(cols), b, p, d]``
@@ -140,7 +141,7 @@ class Engine:
         h = blk.ln1(x_own)
         groups = self.dest_groups(blk.attn)
         bounds = [group.first for group in groups] + [self.graph.n_attn_dst]
-        for out, (lo, Wh, bh), hi in zip((q, k, v), groups, bounds[1:]):
+        for out, (lo, Wh, bh), hi in zip((q, k, v), groups, bounds[1:], strict=True):
             sel = torch.nonzero((cols >= lo) & (cols < hi)).flatten()
             if len(sel):
                 heads = cols[sel] - lo
@@ -264,7 +265,8 @@ class Engine:
             mlp_resid_in = resid_mlp
             if patching:
                 mlp_dst = g.dst_index_mlp(layer)
-                mlp_resid_in = patcher.inputs(resid_mlp, int(g.n_src_before[mlp_dst]), slice(mlp_dst, mlp_dst + 1), True)
+                mlp_resid_in = patcher.inputs(resid_mlp, int(g.n_src_before[mlp_dst]), slice(mlp_dst, mlp_dst + 1),
+                                              True)
             mlp_in = blk.ln2(mlp_resid_in)
             mlp_out = blk.mlp(mlp_in)
             emit(g.src_index_mlp(layer), mlp_out[None])

@@ -8,8 +8,8 @@ circuit's logits. Evaluating one circuit is then one patched forward pass per ba
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -102,10 +102,11 @@ class Evaluator:
     def evaluate(self, circuit: Circuit, ks: tuple[int, ...] = (1, 10)) -> dict:
         """Metric, faithfulness, Hit@k and KL of one circuit, per prompt and summarised."""
         logits = self.circuit_logits(circuit)
-        m_circ = check_finite(torch.cat([self.metric(lg, c.batch) for lg, c in zip(logits, self.cache)]).cpu(),
-                              "the circuit's metric")
-        rank_circ = torch.cat([answer_rank(lg, c.batch) for lg, c in zip(logits, self.cache)]).cpu()
-        kl = torch.cat([kl_div(c.full_logits, lg) for lg, c in zip(logits, self.cache)]).cpu()
+        m_circ = check_finite(
+            torch.cat([self.metric(lg, c.batch) for lg, c in zip(logits, self.cache, strict=True)]).cpu(),
+            "the circuit's metric")
+        rank_circ = torch.cat([answer_rank(lg, c.batch) for lg, c in zip(logits, self.cache, strict=True)]).cpu()
+        kl = torch.cat([kl_div(c.full_logits, lg) for lg, c in zip(logits, self.cache, strict=True)]).cpu()
         faith = faithfulness(m_circ, self.m_full, self.m_empty)
         denom_full = float(self.m_full.mean() - self.m_empty.mean())
         result = {
@@ -122,7 +123,8 @@ class Evaluator:
             "unstable_prompts": {"n": int((~self.stable).sum()), "min_gap": self.min_gap,
                                  "rule": f"|m(full) - m(empty)| < {MIN_GAP_FRACTION} x its median over the prompts"},
             # ratio of means: stable even when single prompts have a tiny full-vs-empty gap
-            "faithfulness_of_means": float(m_circ.mean() - self.m_empty.mean()) / denom_full if denom_full else math.nan,
+            "faithfulness_of_means": (float(m_circ.mean() - self.m_empty.mean()) / denom_full if denom_full
+                                      else math.nan),
             "kl_full_to_circuit": summary(kl),
             "per_prompt": {"metric_circuit": m_circ.tolist(), "faithfulness": faith.tolist(),
                            "stable": self.stable.tolist(), "rank_full": self.rank_full.tolist(),

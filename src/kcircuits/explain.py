@@ -75,7 +75,7 @@ class Explanation:
         nodes: dict[str, dict] = {}
         for i, name in enumerate(lens.node_names):
             top = [[tokenizer.decode([int(t)]), float(p)] for t, p in
-                   zip(lens.node_top[example, i].tolist(), lens.node_top_prob[example, i].tolist())]
+                   zip(lens.node_top[example, i].tolist(), lens.node_top_prob[example, i].tolist(), strict=True)]
             nodes[name] = {"lens": {"top": top, "answer_rank": int(lens.node_rank[example, i]),
                                     "answer_prob": float(lens.node_prob[example, i])}}
         nodes["logits"] = {"lens": {"answer_rank": int(lens.layer_rank[example, -1]),

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import heapq
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -62,7 +62,7 @@ class Graph:
 
     # ----------------------------------------------------------------- sizes and indices
     @classmethod
-    def from_model(cls, weights, grouped: bool = True) -> "Graph":
+    def from_model(cls, weights, grouped: bool = True) -> Graph:
         return cls(weights.n_layers, weights.n_heads, weights.n_kv_heads, grouped, weights.parallel)
 
     @property
@@ -215,7 +215,7 @@ class Circuit:
                 "nodes": self.nodes(), "edges": edges, **(extra or {})}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Circuit":
+    def from_json(cls, data: dict) -> Circuit:
         try:
             g = data["graph"]
             graph = Graph(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), bool(g["grouped"]),
@@ -231,7 +231,8 @@ class Circuit:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, KcircuitsError):
                 raise
-            raise KcircuitsError(f"malformed circuit JSON ({type(exc).__name__}: {exc}); expected a kcircuits circuit.json") from None
+            raise KcircuitsError(f"malformed circuit JSON ({type(exc).__name__}: {exc}); "
+                                 "expected a kcircuits circuit.json") from None
         return cls(graph, edges, scores)
 
     def to_mib_json(self) -> dict:
@@ -244,7 +245,8 @@ class Circuit:
         scores = self.scores if self.scores is not None else torch.zeros(g.n_src, g.n_dst)
         for s, d in torch.nonzero(exists).tolist():
             edges[g.edge_name(s, d)] = {"score": float(scores[s, d]), "in_graph": bool(self.edges[s, d])}
-        cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_key_value_heads": g.n_kv_heads, "parallel_attn_mlp": g.parallel}
+        cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_key_value_heads": g.n_kv_heads,
+               "parallel_attn_mlp": g.parallel}
         return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 

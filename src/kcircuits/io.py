@@ -35,7 +35,8 @@ def atomic_write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=_json_default, allow_nan=True))
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                        metadata: dict | None = None) -> None:
     from safetensors.torch import save
 
     blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},

@@ -7,7 +7,7 @@ Every metric returns a ``[b]`` tensor so callers can report mean *and* spread. L
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -123,9 +123,9 @@ def curve_areas(x_fraction: list[float], faith: list[float]) -> dict:
     As in the MIB benchmark: the curve starts at (0, 0) (the empty circuit has f = 0 by definition),
     so CPR near 1 and CMD near 0 are best. Points with NaN faithfulness are skipped.
     """
-    pts = sorted({0.0: 0.0, **{x: f for x, f in zip(x_fraction, faith) if f == f}}.items())
+    pts = sorted({0.0: 0.0, **{x: f for x, f in zip(x_fraction, faith, strict=True) if not math.isnan(f)}}.items())
     cpr = cmd = 0.0
-    for (x0, f0), (x1, f1) in zip(pts, pts[1:]):
+    for (x0, f0), (x1, f1) in zip(pts, pts[1:], strict=False):  # consecutive points
         cpr += (x1 - x0) * (f0 + f1) / 2
         cmd += (x1 - x0) * (abs(1 - f0) + abs(1 - f1)) / 2
     return {"cpr": cpr, "cmd": cmd}

@@ -107,7 +107,7 @@ def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_siz
     """Keep the pairs whose answer the model ranks within ``top_k`` on the clean prompt (whole answers:
     every token within ``top_k`` under teacher forcing)."""
     ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size, answer_scoring=answer_scoring)
-    kept = [p for p, r in zip(pairs, ranks.tolist()) if r <= top_k]
+    kept = [p for p, r in zip(pairs, ranks.tolist(), strict=True) if r <= top_k]
     return kept, len(pairs) - len(kept)
 
 
@@ -146,7 +146,8 @@ def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, settin
     split, known_only, known_k, known_only_on = st.split, st.known_only, st.known_k, st.known_only_on
     max_pairs, templates = st.max_pairs, st.templates
     ds = load_dataset(relation)
-    parts = {"all": ds} if split is None else dict(zip(("discover", "test"), split_samples(ds, split, seed)))
+    parts = ({"all": ds} if split is None
+             else dict(zip(("discover", "test"), split_samples(ds, split, seed), strict=True)))
     out = {}
     for role, part in parts.items():
         if roles is not None and role not in roles:

@@ -31,7 +31,8 @@ def hits_rows(metrics: dict) -> list[dict]:
             row[f"chance_hit{k}"] = res.get(f"chance_hit{k}")
         row.update({"faithfulness": res.get("faithfulness_of_means"),
                     "random_faithfulness": random_mean(res, "faithfulness_of_means"),
-                    "random_faithfulness_same_logit_edges": random_mean(res, "faithfulness_of_means", "same_logit_edges"),
+                    "random_faithfulness_same_logit_edges": random_mean(res, "faithfulness_of_means",
+                                                                        "same_logit_edges"),
                     "faithfulness_per_prompt_mean": res.get("faithfulness", {}).get("mean"),
                     "faithfulness_per_prompt_std": res.get("faithfulness", {}).get("std"),
                     "unstable_prompts": res.get("unstable_prompts", {}).get("n")})

@@ -181,9 +181,9 @@ def random_circuit(graph: Graph, n_edges: int | CircuitShape, seed: int, *, matc
     """A random circuit with exactly ``n_edges`` edges, every one on an input -> logits path.
 
     Given a :class:`CircuitShape`, the random circuit also gets the shape's number of active nodes
-    (as far as the edge budget allows: a new node costs two edges, one if it is already reached), and with ``match_logit_edges``
-    exactly its number of edges into the logits. Nodes are drawn uniformly among the sources, edges
-    uniformly among those that keep the circuit valid. Given a plain number, nodes and edges are
+    (as far as the edge budget allows: a new node costs two edges, one if it is already reached), and with
+    ``match_logit_edges`` exactly its number of edges into the logits. Nodes are drawn uniformly among the
+    sources, edges uniformly among those that keep the circuit valid. Given a plain number, nodes and edges are
     added by a fair coin while two or more edges remain. Pruning the result changes nothing.
     """
     shape = n_edges if isinstance(n_edges, CircuitShape) else None

@@ -38,19 +38,21 @@ KNOWN_ONLY_ON = ("both", "discover")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def option(default: Any, help: str, *, flag: str | None = None, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
-           invert: str | None = None, invert_help: str | None = None, nargs: str | None = None, metavar: str | None = None,
+def option(default: Any, help: str, *, flag: str | None = None,
+           choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+           invert: str | None = None, invert_help: str | None = None, nargs: str | None = None,
+           metavar: str | None = None,
            zero_is_none: bool = False, const: Any = None, hashed: bool = True, cli: bool = True,
            parse: Callable[[Any], Any] | None = None, type: Callable[[str], Any] | None = None) -> Any:
     """A settings field with what the command line needs to offer it.
 
     ``flag`` defaults to ``--field-name``; ``invert`` names a ``store_true`` flag that sets a True
-    default to False (``--ungrouped`` for ``grouped``), described by ``invert_help``; ``zero_is_none`` reads 0 as "no limit";
-    ``hashed=False`` keeps a field out of the configuration hash (it changes how a run is computed,
+    default to False (``--ungrouped`` for ``grouped``), described by ``invert_help``; ``zero_is_none`` reads 0
+    as "no limit"; ``hashed=False`` keeps a field out of the configuration hash (it changes how a run is computed,
     not what it computes: batch size, device); ``cli=False`` keeps it off the command line.
     """
-    meta = dict(help=help, flag=flag, choices=choices, invert=invert, invert_help=invert_help, nargs=nargs, metavar=metavar,
-                zero_is_none=zero_is_none, const=const, hashed=hashed, cli=cli, parse=parse, type=type)
+    meta = dict(help=help, flag=flag, choices=choices, invert=invert, invert_help=invert_help, nargs=nargs,
+                metavar=metavar, zero_is_none=zero_is_none, const=const, hashed=hashed, cli=cli, parse=parse, type=type)
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings defaults must be immutable (use a tuple)")
     return field(default=default, metadata=meta)
@@ -62,7 +64,8 @@ def _need(ok: bool, message: str) -> None:
 
 
 def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())):
         raise KcircuitsError(f"{name} must be a whole number, got {value!r}")
     return int(value)
 
@@ -172,8 +175,8 @@ def _parse_templates(value: Any) -> tuple | None:
 class PromptSettings:
     """Which prompt pairs are built from a relation."""
 
-    split: float | None = option(None, "find the circuit on this fraction of the subjects (default 0.5), test on the rest",
-                                 nargs="?", const=0.5, type=float)
+    split: float | None = option(None, "find the circuit on this fraction of the subjects (default 0.5), "
+                                       "test on the rest", nargs="?", const=0.5, type=float)
     known_only: bool = option(False, "keep only facts the model answers within --known-k")
     known_k: int = option(1, "rank within which a fact counts as known")
     known_only_on: str = option("both", "with --known-only: filter both halves, or only the discovery half so the "

@@ -47,7 +47,7 @@ def composition(circuit: Circuit, n_bands: int | None = None) -> dict:
     band_names = [f"layers {b.start}-{b.stop - 1}" for b in bands]
 
     def band_of(layer: int) -> str:
-        return next(n for n, b in zip(band_names, bands) if layer in b)
+        return next(n for n, b in zip(band_names, bands, strict=True) if layer in b)
 
     by_type = {t: 0 for t in NODE_TYPES}
     by_band_type = {n: {"attention": 0, "mlp": 0} for n in band_names}

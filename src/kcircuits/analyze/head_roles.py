@@ -63,13 +63,15 @@ class RoleThresholds:
     def role(self, row: dict) -> str:
         mover = self.moves_subject(row["subject_mass"], row["answer_z"], row["specificity"])
         relation = self.reads_relation(row["relation_mass"], row["range_z"])
-        return {(True, True): "mixture", (True, False): "mover", (False, True): "relation"}.get((mover, relation), "none")
+        roles = {(True, True): "mixture", (True, False): "mover", (False, True): "relation"}
+        return roles.get((mover, relation), "none")
 
 
 # --------------------------------------------------------------------------- token kinds
 def _sentence_start(template: str, subject_at: int) -> int:
     """Character where the template's last sentence before the subject starts (after any demonstrations)."""
-    ends = [template.rfind(sep, 0, subject_at) + len(sep) for sep in _SENTENCE_ENDS if template.rfind(sep, 0, subject_at) >= 0]
+    ends = [template.rfind(sep, 0, subject_at) + len(sep) for sep in _SENTENCE_ENDS
+            if template.rfind(sep, 0, subject_at) >= 0]
     return max(ends, default=0)
 
 
@@ -104,7 +106,7 @@ def token_roles(tokenizer, pairs: Sequence, width: int) -> torch.Tensor:
         start = _sentence_start(pair.template, at)
         offsets = token_offsets(tokenizer, pair.clean_text, pair.clean_ids)
         if offsets is None:  # slow tokenizer: the positions the corruption changed are the subject's
-            diff = [a != b for a, b in zip(pair.clean_ids, pair.corrupt_ids)]
+            diff = [a != b for a, b in zip(pair.clean_ids, pair.corrupt_ids, strict=True)]
             out[i, :n] = torch.tensor([SUBJECT if d else RELATION for d in diff])
             continue
         for t, (a, b) in enumerate(offsets[:width]):
@@ -226,14 +228,14 @@ def head_roles(engine: Engine, batches: Batch | Sequence[Batch], kinds: torch.Te
     if not batches:
         raise KcircuitsError("no prompts to measure head roles on")
     if len(kinds) != len(batches) or len(answers) != len(batches) or any(
-            k.shape[0] != len(b) or a.shape[0] != len(b) for k, a, b in zip(kinds, answers, batches)):
+            k.shape[0] != len(b) or a.shape[0] != len(b) for k, a, b in zip(kinds, answers, batches, strict=True)):
         raise KcircuitsError("token kinds and answers must match the batches prompt for prompt")
     rng = torch.as_tensor(answer_range, dtype=torch.long).unique()
     if rng.numel() < 2:
         raise KcircuitsError("the answer range needs at least two distinct answer tokens to measure a range effect")
     in_range = torch.zeros(engine.w.W_U.shape[0], dtype=torch.bool, device=batches[0].clean.device)
     in_range[rng.to(in_range.device)] = True
-    parts = [_measure(engine, b, k, in_range, a) for b, k, a in zip(batches, kinds, answers)]
+    parts = [_measure(engine, b, k, in_range, a) for b, k, a in zip(batches, kinds, answers, strict=True)]
     per_prompt = {key: torch.cat([p[0][key] for p in parts], 1) for key in parts[0][0]}
     per_prompt["specificity"] = per_prompt["answer_z"] - per_prompt["range_z"]
     g = engine.graph

@@ -53,7 +53,8 @@ class LensResult:
         answer ranks within k and stays there until the end; -1 if it never settles, ``[b]``."""
         ok = self.layer_rank <= k  # [b, L+1]
         settled = torch.flip(torch.cumprod(torch.flip(ok, [1]).int(), 1), [1]).bool()
-        first = torch.where(settled.any(1), settled.int().argmax(1), torch.full_like(settled[:, 0], -1, dtype=torch.long))
+        first = torch.where(settled.any(1), settled.int().argmax(1),
+                            torch.full_like(settled[:, 0], -1, dtype=torch.long))
         return first
 
     def to_json(self, tokenizer=None) -> dict:

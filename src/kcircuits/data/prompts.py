@@ -11,7 +11,7 @@ with the reason, so users can see why a relation yields few pairs.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +153,21 @@ def answer_token_ids(tokenizer: Any, prompt_text: str, answer: str) -> list[int]
 # --------------------------------------------------------------------------- building pairs
 
 
+def _lazy_answers(
+    tokenizer: Any, ids: list[list[int]], texts: list[str], samples: Sequence[dict]
+) -> Callable[[int], list[int]]:
+    """``answer(j)``: the answer tokens after prompt ``j`` (this template's), computed on first use
+    and kept, since only same-length partners need them."""
+    answers: dict[int, list[int]] = {}
+
+    def answer(j: int) -> list[int]:
+        if j not in answers:
+            answers[j] = _answer_ids_given_prompt(tokenizer, ids[j], texts[j], samples[j]["object"])
+        return answers[j]
+
+    return answer
+
+
 def _fill(template: str, subject: str) -> str:
     """Put the subject in the template (``str.replace`` so other braces in a template are literal)."""
     return template.replace("{}", subject, 1)
@@ -232,7 +247,7 @@ def cap_pairs(pairs: list[PromptPair], max_pairs: int | None, seed: int) -> list
         return list(pairs)
     keys = [(p.template, p.subject, i) for i, p in enumerate(pairs)]
     keep = _cap_with_spread(keys, max_pairs, seed)
-    return [p for k, p in zip(keys, pairs) if k in keep]
+    return [p for k, p in zip(keys, pairs, strict=True) if k in keep]
 
 
 def _cap_with_spread(
@@ -315,13 +330,7 @@ def build_prompts(
     for t, tpl in selected:
         texts = [_fill(tpl, s["subject"]) for s in samples]
         ids = [_encode(tokenizer, text) for text in texts]
-        # Answer tokens after *this* prompt; computed lazily since only same-length partners need them.
-        answers: dict[int, list[int]] = {}
-
-        def answer(j: int) -> list[int]:
-            if j not in answers:
-                answers[j] = _answer_ids_given_prompt(tokenizer, ids[j], texts[j], samples[j]["object"])
-            return answers[j]
+        answer = _lazy_answers(tokenizer, ids, texts, samples)
 
         for i in range(n):
             clean_answer = answer(i)

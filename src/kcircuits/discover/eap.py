@@ -18,7 +18,7 @@ on α, so the gradients are summed over steps first and contracted with the diff
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -91,7 +91,7 @@ def destination_grads(engine: Engine, run: RunResult, objective: torch.Tensor, o
     tensors = [t for cap in run.layers for t in (cap.q, cap.k, cap.v, cap.mlp_in)] + [run.resid_final]
     grads = torch.autograd.grad(objective, tensors)
     with torch.no_grad():
-        for layer, (cap, blk) in enumerate(zip(run.layers, w.blocks)):
+        for layer, (cap, blk) in enumerate(zip(run.layers, w.blocks, strict=True)):
             gq, gk, gv, gmlp = grads[4 * layer : 4 * layer + 4]
             _add_attention_grads(out[g.dst_slice_attn(layer)], torch.cat([gq, gk, gv], dim=2),
                                  dest_weights.weights[layer], dest_weights.row_sums[layer], cap.resid_pre, blk.ln1)
@@ -106,7 +106,8 @@ def contract(engine: Engine, diff: torch.Tensor, grads: torch.Tensor, scores: to
     """
     g = engine.graph
     diff_flat, grad_flat = diff.flatten(1).to(grads.dtype), grads.flatten(1)
-    blocks = [(g.dst_slice_attn(layer), int(g.n_src_before[g.dst_slice_attn(layer).start])) for layer in range(g.n_layers)]
+    blocks = [(g.dst_slice_attn(layer), int(g.n_src_before[g.dst_slice_attn(layer).start]))
+              for layer in range(g.n_layers)]
     blocks += [(slice(g.dst_index_mlp(layer), g.dst_index_mlp(layer) + 1), int(g.n_src_before[g.dst_index_mlp(layer)]))
                for layer in range(g.n_layers)]
     blocks.append((slice(g.n_dst - 1, g.n_dst), g.n_src))

@@ -6,6 +6,11 @@
             ``influence.json`` (top sequences with their most influential tokens, the power-law tail,
             influence by layer / circuit component, recall of known sources) and ``report.html``.
 
+Each takes its settings object (:class:`~kcircuits.influence.settings.FitSettings`,
+:class:`~kcircuits.influence.settings.ScoreSettings`) or any of its fields by name. The run folder is
+keyed by those settings, the data's fingerprints and the weights' fingerprint (DESIGN.md decision
+12): an edited or fine-tuned model never reuses another model's factors or scores.
+
 Scores follow the core's sign convention: positive = upweighting the training sequence makes the
 completion more likely (it *supports* the answer).
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +35,23 @@ from kcircuits.influence.corpus import (
     read_queries,
 )
 from kcircuits.influence.sequences import Sequences
+from kcircuits.influence.settings import (
+    FACTOR_STRATEGIES,
+    SCORE_STRATEGIES,
+    FitSettings,
+    ScoreSettings,
+    fields_doc,
+    lissa_fields,
+)
 from kcircuits.io import read_json
 from kcircuits.models import LoadedModel, eval_mode, load_model
 from kcircuits.report import write_report
 from kcircuits.runs import RunFolder, default_run_dir
+from kcircuits.settings import hashed_dict, reject_unknown, resolve
 
-FACTOR_STRATEGIES = ("ekfac", "kfac", "diagonal")
-SCORE_STRATEGIES = ("ekfac", "kfac", "diagonal", "identity", "lissa", "exact")
+__all__ = ["FACTOR_STRATEGIES", "SCORE_STRATEGIES", "FitOutput", "FitSettings", "ScoreOutput", "ScoreSettings",
+           "circuit_components", "fit", "score"]
+
 SCORES_FILE = "scores.safetensors"
 RESULTS_FILE = "influence.json"
 
@@ -141,13 +156,27 @@ def _factor_folder(factors: str | Path) -> Path:
     raise KcircuitsError(f"no fitted factors in {p}; pass the folder written by `kcircuits influence fit`")
 
 
-def _check(strategy: str, allowed: tuple[str, ...], batch_size: int, max_length: int) -> None:
-    if strategy not in allowed:
-        raise KcircuitsError(f"unknown strategy {strategy!r}: use one of {', '.join(allowed)}")
-    if batch_size < 1:
-        raise KcircuitsError("batch size must be >= 1")
-    if max_length < 2:
-        raise KcircuitsError("max_length must be >= 2")
+def _check_factor_weights(factor_dir: Path, lm: LoadedModel) -> None:
+    """Refuse factors fitted on other weights than ``lm``'s (their ``factors.json`` records the
+    fingerprint of the weights they were fitted on)."""
+    try:
+        fitted = (read_json(factor_dir / "factors.json").get("config") or {}).get("weights")
+    except (ValueError, OSError, AttributeError):
+        raise KcircuitsError(f"{factor_dir / 'factors.json'} cannot be read; fit the factors again") from None
+    if fitted is None:
+        raise KcircuitsError(f"the factors in {factor_dir} do not record which weights they were fitted on (an older "
+                             "kcircuits fitted them); fit them again with `kcircuits influence fit`")
+    if fitted != lm.fingerprint:
+        raise KcircuitsError(f"the factors in {factor_dir} were fitted on other weights (fingerprint {fitted}) than "
+                             f"the model's ({lm.fingerprint}); fit factors on this model")
+
+
+def _checkpoint_weights(checkpoint: str | LoadedModel, settings: ScoreSettings) -> str:
+    """The fingerprint of a checkpoint's weights; a checkpoint given by name is loaded for it and
+    released again (it is loaded once more while it is scored, so only one extra model is in memory)."""
+    if isinstance(checkpoint, LoadedModel):
+        return checkpoint.fingerprint
+    return _model(checkpoint, settings.device, settings.dtype).fingerprint
 
 
 def _environment() -> dict:
@@ -160,35 +189,45 @@ def _model_name(model: str | LoadedModel) -> str:
     return model.name if isinstance(model, LoadedModel) else str(model)
 
 
+def _list(names: tuple | None) -> list | None:
+    return None if names is None else list(names)
+
+
 # --------------------------------------------------------------------------- fit
 def fit(model: str | LoadedModel = "smollm2-135m", corpus: str | Path | Sequences | None = None, *,
-        out: str | Path | None = None, strategy: str = "ekfac", fisher: str = "true", max_length: int = 256,
-        batch_size: int = 8, include: list[str] | None = None, seed: int = 0, device: str | None = "cpu",
-        dtype: str = "float32", checkpoint_seconds: float = 60.0, progress: bool = True) -> FitOutput:
+        out: str | Path | None = None, settings: FitSettings | None = None, progress: bool = True,
+        **options) -> FitOutput:
     """Fit curvature factors of ``model`` on ``corpus`` into ``<out>/factors/``.
 
     The fit checkpoints its running sums at the end of a batch once ``checkpoint_seconds`` have
     passed (0: every batch) and after every pass; calling ``fit`` again with the same ``out``
-    continues from the last checkpoint (a finished fit is just loaded)."""
+    continues from the last checkpoint (a finished fit is just loaded). The folder is ``out`` or
+    ``runs/influence-fit_<corpus>_<model>_<strategy>_<hash>``, the hash covering the settings, the
+    corpus' fingerprint and the weights' fingerprint.
+
+    Settings (each also accepted by field name, e.g. ``fit(..., strategy="kfac", max_length=128)``):
+
+    """
     from kcircuits.influence.factors import fit_factors
 
-    _check(strategy, FACTOR_STRATEGIES, batch_size, max_length)
+    st = resolve(FitSettings, settings, options)
+    reject_unknown(options, "influence fit")
     read = _read(corpus, queries=False)
-    lm = _model(model, device, dtype)
-    train = _tokenise(read, lm, max_length)
-    reproduce = {"command": "influence-fit", "model": _model_name(model), "corpus": train.origin,
-                 "corpus_fingerprint": train.fingerprint(), "strategy": strategy, "fisher": fisher,
-                 "max_length": max_length, "batch_size": batch_size, "include": include, "seed": seed, "dtype": dtype}
+    lm = _model(model, st.device, st.dtype)  # before the folder: a model that fails to load writes nothing
+    train = _tokenise(read, lm, st.max_length)
+    reproduce = {"command": "influence-fit", "model": _model_name(model), "weights": lm.fingerprint,
+                 "corpus": train.origin, "corpus_fingerprint": train.fingerprint(), "fit": hashed_dict(st)}
     folder = Path(out) if out else default_run_dir("influence-fit", [train.stem, Path(reproduce["model"]).name,
-                                                                     strategy], reproduce)
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device)})
+                                                                     st.strategy], reproduce)
+    run = RunFolder(folder, {"reproduce": reproduce, "settings": asdict(st), "environment": _environment(),
+                             "device": str(st.device)})
     start = time.perf_counter()
-    torch.manual_seed(seed)
+    torch.manual_seed(st.seed)
     with eval_mode(lm.hf_model):  # the HF forward must not see dropout; the caller's mode is restored
-        factors = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy=strategy, fisher=fisher,
-                              batch_size=batch_size, seed=seed, include=include, folder=run.file("factors"),
-                              checkpoint_seconds=checkpoint_seconds, progress=progress)
-    info = {"strategy": strategy, "fisher": fisher, "n_sequences": len(train.seqs),
+        factors = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy=st.strategy, fisher=st.fisher,
+                              batch_size=st.batch_size, seed=st.seed, include=_list(st.include),
+                              folder=run.file("factors"), checkpoint_seconds=st.checkpoint_seconds, progress=progress)
+    info = {"strategy": st.strategy, "fisher": st.fisher, "n_sequences": len(train.seqs),
             "n_tokens": int(train.seqs.attention_mask.sum()), "modules": list(factors.modules),
             "fit_s": time.perf_counter() - start}
     if run.has("fit.json"):  # a rerun of a finished fit: keep the original timing
@@ -196,79 +235,87 @@ def fit(model: str | LoadedModel = "smollm2-135m", corpus: str | Path | Sequence
     run.write_json("fit.json", info)
     write_report(run.file("report.html"), {
         "title": f"Influence factors: {reproduce['model']} on {Path(train.origin).name}",
-        "summary": {"model": reproduce["model"], "corpus": train.origin, "strategy": strategy, "fisher": fisher,
-                    "sequences": info["n_sequences"], "tokens": info["n_tokens"], "modules": len(info["modules"]),
+        "summary": {"model": reproduce["model"], "weights": reproduce["weights"], "corpus": train.origin,
+                    "strategy": st.strategy, "fisher": st.fisher, "sequences": info["n_sequences"],
+                    "tokens": info["n_tokens"], "modules": len(info["modules"]),
                     "fit time (s)": round(info["fit_s"], 2)},
         "config": run.config})
     return FitOutput(run.path, factors, info)
 
 
+fit.__doc__ += fields_doc(FitSettings, "settings")
+
+
 # --------------------------------------------------------------------------- score
 def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Sequences | None = None,
-          corpus: str | Path | Sequences | None = None, *, factors: str | Path | None = None, out: str | Path | None = None,
-          strategy: str = "ekfac", fisher: str = "true", damping: float | str = "heuristic", per_layer: bool = True,
-          per_token: bool = False, components: list[str] | None = None, circuit: str | Path | None = None,
-          query_rank: int | None = 32, rescore_top_k: int | None = None, bm25_candidates: int | None = None,
-          normalize: str | None = None, measurement: str = "logprob", top_k: int = 10, highlight: bool = True, max_length: int = 256, batch_size: int = 8,
-          include: list[str] | None = None, lissa: dict | None = None, power_law_bootstrap: int = 100,
-          seed: int = 0, device: str | None = "cpu", dtype: str = "float32", checkpoint_seconds: float = 60.0,
-          checkpoints: list[str | LoadedModel] | None = None, progress: bool = True) -> ScoreOutput:
+          corpus: str | Path | Sequences | None = None, *, factors: str | Path | None = None,
+          out: str | Path | None = None, circuit: str | Path | None = None,
+          checkpoints: list[str | LoadedModel] | None = None, settings: ScoreSettings | None = None,
+          progress: bool = True, **options) -> ScoreOutput:
     """Score every query against every (candidate) training sequence and write a run folder.
 
+    The folder is ``out`` or ``runs/influence_<queries>_<model>_<strategy>_<hash>``, the hash covering
+    the hashed settings, the data's fingerprints, the factors folder and the weights' fingerprints
+    (the model's and each checkpoint's); a rerun reuses the scores.
+
     Args:
-        factors: a ``fit`` run folder (or its ``factors/``); None fits them here on the whole
-            corpus (``ekfac``/``kfac``/``diagonal``), into ``<out>/factors/`` (resumable).
-        damping: a float (absolute λ) or ``"heuristic"`` (the core's per-module default).
-        components / circuit: attribute influence to heads and MLPs (``"a3.h2"``, ``"m5"``); ``circuit``
-            takes them from a ``circuit.json`` or discover run folder.
-        query_rank: rank of the low-rank query-gradient approximation (None: exact).
-        bm25_candidates: score only the union of each query's BM25 top-N documents (pre-filter).
-        normalize: ``"relative"`` divides each training sequence's scores by the square root of its
-            self-influence (RelatIF), so large-gradient sequences do not top every query's list.
-        measurement: the query function: ``"logprob"`` (log p(completion | prompt)) or ``"margin"``
-            (its log-odds, which does not saturate on facts the model is already certain of).
-        highlight: rescore each query's top-k sequences per token (only those, so it stays cheap)
-            to highlight their most influential tokens in the report; ``per_token`` keeps every
-            sequence's per-token scores instead.
-        power_law_bootstrap: goodness-of-fit draws per query for the power-law tail (0: no p-value).
+        factors: a ``fit`` run folder (or its ``factors/``), fitted on these very weights (else an
+            error); None fits them here on the whole corpus (``ekfac``/``kfac``/``diagonal``), into
+            ``<out>/factors/`` (resumable).
+        circuit: add the heads and MLPs of a ``circuit.json`` or discover run folder to ``components``.
         checkpoints: earlier training checkpoints of ``model`` (folders or loaded models, same
             tokenizer). The scores become the sum of ``model``'s and each checkpoint's, each with its
             own curvature (fitted into ``<out>/checkpoint-<i>/factors/``; ``factors`` is ``model``'s
             only): TracIn-CP's sum over checkpoints. Why: a fact the final model has memorised
             gives its sources a vanishing loss gradient, so they are invisible at the final
             parameters but not at the checkpoints where the fact was being learned.
+        lissa: the older form of the ``lissa_*`` settings, e.g. ``lissa={"depth": 10}``.
+
+    Settings (each also accepted by field name, e.g. ``score(..., strategy="identity", top_k=5)``). In
+    short: ``damping`` a float (absolute λ) or ``"heuristic"``; ``query_rank`` the rank of the
+    low-rank query gradients (None or 0: exact); ``bm25_candidates`` scores only the union of each
+    query's BM25 top-N documents; ``normalize="relative"`` divides each training sequence's scores by
+    the square root of its self-influence (RelatIF); ``measurement="margin"`` takes the completion's
+    log-odds, which does not saturate on facts the model is already certain of; ``highlight``
+    rescores each query's top-k sequences per token for the report (``per_token`` keeps every
+    sequence's per-token scores instead); ``power_law_bootstrap`` goodness-of-fit draws per query.
+
     """
-    _check(strategy, SCORE_STRATEGIES, batch_size, max_length)
-    if top_k < 1:
-        raise KcircuitsError("top_k must be >= 1")
-    if bm25_candidates is not None and bm25_candidates < 1:
-        raise KcircuitsError("bm25_candidates must be >= 1")
+    if "lissa" in options:
+        given = lissa_fields(options.pop("lissa"))
+        clash = sorted(set(given) & set(options))
+        if clash:
+            raise KcircuitsError(f"give each LiSSA option once: lissa= and {', '.join(clash)} both set it")
+        options.update(given)
+    st = resolve(ScoreSettings, settings, options)
+    reject_unknown(options, "influence score")
     if circuit is not None:
-        components = sorted(set(components or []) | set(circuit_components(circuit)))
+        st = replace(st, components=tuple(sorted(set(st.components or ()) | set(circuit_components(circuit)))))
     factor_dir = _factor_folder(factors) if factors is not None else None
     q_read, c_read = _read(queries, queries=True), _read(corpus, queries=False)
-    lm = _model(model, device, dtype)
-    q, train = _tokenise(q_read, lm, max_length), _tokenise(c_read, lm, max_length)
-    reproduce = {"command": "influence-score", "model": _model_name(model), "queries": q.origin,
-                 "queries_fingerprint": q.fingerprint(), "corpus": train.origin,
+    # every model loads before the folder is chosen: its name is keyed by the weights, and a model
+    # that fails to load writes nothing
+    lm = _model(model, st.device, st.dtype)
+    if factor_dir is not None:
+        _check_factor_weights(factor_dir, lm)
+    checkpoint_weights = [_checkpoint_weights(c, st) for c in checkpoints or ()]
+    q, train = _tokenise(q_read, lm, st.max_length), _tokenise(c_read, lm, st.max_length)
+    reproduce = {"command": "influence-score", "model": _model_name(model), "weights": lm.fingerprint,
+                 "queries": q.origin, "queries_fingerprint": q.fingerprint(), "corpus": train.origin,
                  "corpus_fingerprint": train.fingerprint(), "factors": str(factor_dir) if factor_dir else None,
-                 "strategy": strategy, "fisher": fisher, "damping": damping, "per_layer": per_layer,
-                 "per_token": per_token, "components": components, "query_rank": query_rank,
-                 "rescore_top_k": rescore_top_k, "bm25_candidates": bm25_candidates, "normalize": normalize,
-                 "measurement": measurement, "max_length": max_length,
-                 "include": include, "lissa": lissa, "seed": seed, "dtype": dtype}
-    if checkpoints:  # (only then: runs written before the option keep their configuration)
+                 "score": hashed_dict(st)}
+    if checkpoints:
         reproduce["checkpoints"] = [_model_name(c) for c in checkpoints]
-    folder = Path(out) if out else default_run_dir("influence", [q.stem, Path(reproduce["model"]).name, strategy],
+        reproduce["checkpoint_weights"] = checkpoint_weights
+    folder = Path(out) if out else default_run_dir("influence", [q.stem, Path(reproduce["model"]).name, st.strategy],
                                                    reproduce)
-    run = RunFolder(folder, {"reproduce": reproduce, "environment": _environment(), "device": str(device),
-                             "batch_size": batch_size, "top_k": top_k, "highlight": highlight,
-                             "power_law_bootstrap": power_law_bootstrap})
+    run = RunFolder(folder, {"reproduce": reproduce, "settings": asdict(st), "environment": _environment(),
+                             "device": str(st.device)})
     timings: dict[str, float] = {}
-    torch.manual_seed(seed)
+    torch.manual_seed(st.seed)
 
     t0 = time.perf_counter()
-    cand = _candidates(q, train, bm25_candidates)
+    cand = _candidates(q, train, st.bm25_candidates)
     timings["bm25_s"] = time.perf_counter() - t0
     stages = [Stage(lm, factor_dir, run)]
     if checkpoints:  # each model in its own sub-folder, so the run's scores file only ever holds the sum
@@ -276,35 +323,34 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
         stages = [Stage(m, factor_dir if m is lm else None,
                         RunFolder(run.file(name), {"reproduce": {**reproduce, "stage": _model_name(m)}}))
                   for name, m in sub]
-    kwargs = {"strategy": strategy, "query_rank": query_rank, "normalize": normalize, "measurement": measurement,
-              "batch_size": batch_size, "lissa": lissa, "include": include, "progress": progress}
-    opts = {"fisher": fisher, "damping": damping, "batch_size": batch_size, "include": include, "seed": seed,
-            "progress": progress, "checkpoint_seconds": checkpoint_seconds, "device": device, "dtype": dtype,
-            "max_length": max_length}  # how each stage loads its model and fits its factors
     if run.has(SCORES_FILE):  # finished earlier: reuse
         parts = run.read_tensors(SCORES_FILE)
         timings.update(run.read_json(RESULTS_FILE).get("timings", {}) if run.has(RESULTS_FILE) else {})
     else:
-        parts = _summed([_stage_scores(st, lm, q, train, cand, opts, kwargs, timings, per_layer=per_layer,
-                                       per_token=per_token, components=components, rescore_top_k=rescore_top_k)
-                         for st in stages])
-        run.write_tensors(SCORES_FILE, parts, {"strategy": strategy})
+        parts = _summed([_stage_scores(stage, lm, q, train, cand, st, timings, progress) for stage in stages])
+        run.write_tensors(SCORES_FILE, parts, {"strategy": st.strategy})
     total = parts["total"]
     t0 = time.perf_counter()
-    tokens = _token_scores(stages, lm, q, train, parts, cand, top_k, highlight, opts, kwargs)
+    tokens = _token_scores(stages, lm, q, train, parts, cand, st, progress)
     timings["highlight_s"] = time.perf_counter() - t0
     model_run = stages[0].run
-    results = _results(lm, q, train, parts, cand, tokens, top_k, power_law_bootstrap, seed,
-                       model_run.read_json("damping.json") if model_run.has("damping.json") else {}, strategy, timings)
+    results = _results(lm, q, train, parts, cand, tokens, st.top_k, st.power_law_bootstrap, st.seed,
+                       model_run.read_json("damping.json") if model_run.has("damping.json") else {}, st.strategy,
+                       timings)
     if model_run.has("solver.json"):
         results["solver"] = model_run.read_json("solver.json")
     if checkpoints:
-        results["checkpoints"] = [{"model": name, "folder": str(st.run.path),
-                                   "damping": st.run.read_json("damping.json") if st.run.has("damping.json") else {}}
-                                  for name, st in zip(reproduce["checkpoints"], stages[1:])]
+        ck_stages = zip(reproduce["checkpoints"], checkpoint_weights, stages[1:], strict=True)
+        results["checkpoints"] = [{"model": name, "weights": fp, "folder": str(stage.run.path),
+                                   "damping": stage.run.read_json("damping.json") if stage.run.has("damping.json")
+                                   else {}}
+                                  for name, fp, stage in ck_stages]
     run.write_json(RESULTS_FILE, results)
     write_report(run.file("report.html"), _report(run, results, reproduce))
     return ScoreOutput(run.path, total, cand, results, parts)
+
+
+score.__doc__ += fields_doc(ScoreSettings, "settings")
 
 
 @dataclass
@@ -318,44 +364,48 @@ class Stage:
     run: RunFolder
 
 
-def _stage_model(st: Stage, lm: LoadedModel, q: Data, train: Data, opts: dict) -> LoadedModel:
+def _core_kwargs(st: ScoreSettings, progress: bool) -> dict:
+    """The keyword arguments of :func:`~kcircuits.influence.scores.pairwise_scores` every call shares."""
+    return {"strategy": st.strategy, "damping": st.damping, "query_rank": st.query_rank, "normalize": st.normalize,
+            "measurement": st.measurement, "batch_size": st.batch_size, "lissa": st.lissa,
+            "include": _list(st.include), "progress": progress}
+
+
+def _stage_model(stage: Stage, lm: LoadedModel, q: Data, train: Data, st: ScoreSettings) -> LoadedModel:
     """The stage's model; a checkpoint must tokenise the data exactly as the model does."""
-    if st.model is lm:
+    if stage.model is lm:
         return lm
-    ck = _model(st.model, opts["device"], opts["dtype"])
+    ck = _model(stage.model, st.device, st.dtype)
     for data in (q, train):
-        if data.docs and not torch.equal(documents_to_sequences(data.docs, ck.tokenizer, opts["max_length"]).input_ids,
+        if data.docs and not torch.equal(documents_to_sequences(data.docs, ck.tokenizer, st.max_length).input_ids,
                                          data.seqs.input_ids):
-            raise KcircuitsError(f"checkpoint {_model_name(st.model)!r} tokenises the data differently from the model; "
-                                 "checkpoints must be earlier states of the same model, with its tokenizer")
+            raise KcircuitsError(f"checkpoint {_model_name(stage.model)!r} tokenises the data differently from the "
+                                 "model; checkpoints must be earlier states of the same model, with its tokenizer")
     return ck
 
 
-def _stage_factors(slm: LoadedModel, st: Stage, train: Data, strategy: str, opts: dict, timings: dict):
-    return _factors(slm, train, strategy, opts["fisher"], opts["damping"], st.factor_dir, st.run, opts["batch_size"],
-                    opts["include"], opts["seed"], opts["progress"], timings, opts["checkpoint_seconds"])
-
-
-def _stage_scores(st: Stage, lm: LoadedModel, q: Data, train: Data, cand: torch.Tensor, opts: dict, kwargs: dict,
-                  timings: dict, **parts_kw) -> dict[str, torch.Tensor]:
+def _stage_scores(stage: Stage, lm: LoadedModel, q: Data, train: Data, cand: torch.Tensor, st: ScoreSettings,
+                  timings: dict, progress: bool) -> dict[str, torch.Tensor]:
     """One stage's flat score tensors (see :func:`_to_tensors`), read from its run folder when an
     earlier run finished them; factor and score times are added to ``timings``."""
-    if st.run.has(SCORES_FILE):
-        return st.run.read_tensors(SCORES_FILE)
-    slm = _stage_model(st, lm, q, train, opts)
+    if stage.run.has(SCORES_FILE):
+        return stage.run.read_tensors(SCORES_FILE)
+    slm = _stage_model(stage, lm, q, train, st)
     t: dict[str, float] = {}
-    fac = _stage_factors(slm, st, train, kwargs["strategy"], opts, t)
+    fac = _factors(slm, train, st, stage.factor_dir, stage.run, progress, t)
     t0 = time.perf_counter()
-    res = _pairwise(slm, q.seqs, train.seqs.subset(cand), factors=fac, damping=opts["damping"], **parts_kw, **kwargs)
+    res = _pairwise(slm, q.seqs, train.seqs.subset(cand), factors=fac, per_layer=st.per_layer,
+                    per_token=st.per_token, components=_list(st.components), rescore_top_k=st.rescore_top_k,
+                    **_core_kwargs(st, progress))
     t["score_s"] = time.perf_counter() - t0
     for k, v in t.items():
         timings[k] = timings.get(k, 0.0) + v
     parts = _to_tensors(res)
     parts["train_index"] = cand
-    st.run.write_tensors(SCORES_FILE, parts, {"strategy": kwargs["strategy"], "damping": _json_damping(res.damping)})
-    st.run.write_json("damping.json", _json_damping(res.damping))
+    stage.run.write_tensors(SCORES_FILE, parts, {"strategy": st.strategy, "damping": _json_damping(res.damping)})
+    stage.run.write_json("damping.json", _json_damping(res.damping))
     if res.solver:  # LiSSA's scale after any divergence retries
-        st.run.write_json("solver.json", res.solver)
+        stage.run.write_json("solver.json", res.solver)
     return parts
 
 
@@ -380,14 +430,14 @@ def _candidates(q: Data, train: Data, n: int | None) -> torch.Tensor:
     return BM25(train.seqs.texts).candidates(q.seqs.texts, n)
 
 
-def _factors(lm, train: Data, strategy: str, fisher: str, damping, factor_dir: Path | None, run: RunFolder,
-             batch_size: int, include, seed: int, progress: bool, timings: dict, checkpoint_seconds: float):
-    """Curvature factors for ``strategy``: loaded from ``factor_dir`` or fitted into ``<run>/factors/``.
+def _factors(lm, train: Data, st: ScoreSettings, factor_dir: Path | None, run: RunFolder, progress: bool,
+             timings: dict):
+    """Curvature factors for ``st.strategy``: loaded from ``factor_dir`` or fitted into ``<run>/factors/``.
 
     LiSSA needs them only for the heuristic damping (0.1 × mean eigenvalue, as for EK-FAC): then KFAC
     factors (one covariance pass) are enough. identity/exact and numeric-damping LiSSA need none."""
-    lissa_heuristic = strategy == "lissa" and damping == "heuristic"
-    if strategy not in FACTOR_STRATEGIES and not lissa_heuristic:
+    lissa_heuristic = st.strategy == "lissa" and st.damping == "heuristic"
+    if st.strategy not in FACTOR_STRATEGIES and not lissa_heuristic:
         return None
     from kcircuits.influence.factors import Factors, fit_factors
 
@@ -396,9 +446,10 @@ def _factors(lm, train: Data, strategy: str, fisher: str, damping, factor_dir: P
         fac = Factors.load(factor_dir)
     else:
         with eval_mode(lm.hf_model):
-            fac = fit_factors(lm.hf_model, train.seqs.to(lm.device), strategy="kfac" if lissa_heuristic else strategy,
-                              fisher=fisher, batch_size=batch_size, seed=seed, include=include,
-                              folder=run.file("factors"), checkpoint_seconds=checkpoint_seconds, progress=progress)
+            fac = fit_factors(lm.hf_model, train.seqs.to(lm.device),
+                              strategy="kfac" if lissa_heuristic else st.strategy, fisher=st.fisher,
+                              batch_size=st.batch_size, seed=st.seed, include=_list(st.include),
+                              folder=run.file("factors"), checkpoint_seconds=st.checkpoint_seconds, progress=progress)
     timings["factors_s"] = time.perf_counter() - t0
     return fac
 
@@ -432,24 +483,24 @@ def _prefixed(parts: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
 
 
-def _token_scores(stages: list[Stage], lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, top_k: int,
-                  highlight: bool, opts: dict, kwargs: dict) -> dict[tuple[int, int], torch.Tensor]:
+def _token_scores(stages: list[Stage], lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, st: ScoreSettings,
+                  progress: bool) -> dict[tuple[int, int], torch.Tensor]:
     """Per-token scores ``[T]`` of each (query, corpus index) pair in the top-k; from ``per_token`` when it
     was computed, else by rescoring only the union of top-k sequences per token (with every stage,
     summed, so the tokens add up to the scores they explain)."""
-    _, top = analysis.top_influential(parts["total"], top_k)  # positions among candidates
+    _, top = analysis.top_influential(parts["total"], st.top_k)  # positions among candidates
     if "per_token" in parts:
         pt = parts["per_token"]
         return {(qi, int(cand[j])): pt[qi, j] for qi in range(top.shape[0]) for j in top[qi].tolist()}
-    if not highlight:
+    if not st.highlight:
         return {}
     union = torch.unique(cand[top.flatten()])
     per_token = None
-    for st in stages:
-        slm = _stage_model(st, lm, q, train, opts)
-        fac = _stage_factors(slm, st, train, kwargs["strategy"], opts, {})
-        res = _pairwise(slm, q.seqs, train.seqs.subset(union), factors=fac, damping=opts["damping"], per_layer=False,
-                        per_token=True, components=None, rescore_top_k=None, **kwargs)
+    for stage in stages:
+        slm = _stage_model(stage, lm, q, train, st)
+        fac = _factors(slm, train, st, stage.factor_dir, stage.run, progress, {})
+        res = _pairwise(slm, q.seqs, train.seqs.subset(union), factors=fac, per_layer=False, per_token=True,
+                        components=None, rescore_top_k=None, **_core_kwargs(st, progress))
         pt = res.per_token.detach().float().cpu()
         per_token = pt if per_token is None else per_token + pt
     pos = {int(c): i for i, c in enumerate(union.tolist())}
@@ -512,7 +563,7 @@ def _results(lm, q: Data, train: Data, parts: dict, cand: torch.Tensor, tokens: 
     queries = []
     for qi in range(total.shape[0]):
         rows = []
-        for rank, (j, v) in enumerate(zip(top[qi].tolist(), vals[qi].tolist()), start=1):
+        for rank, (j, v) in enumerate(zip(top[qi].tolist(), vals[qi].tolist(), strict=True), start=1):
             ci = int(cand[j])
             rows.append({"rank": rank, "train_index": ci, "id": train.ids[ci], "score": v,
                          "text": train.seqs.texts[ci], **_tokens_json(lm, train.seqs, ci, tokens.get((qi, ci)))})
@@ -547,7 +598,8 @@ def _prompt_completion(lm, q: Data, qi: int) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- report
 def _report(run: RunFolder, results: dict, reproduce: dict) -> dict:
-    summary = {"model": reproduce["model"], "strategy": results["strategy"], "queries": results["n_queries"],
+    summary = {"model": reproduce["model"], "weights": reproduce["weights"], "strategy": results["strategy"],
+               "queries": results["n_queries"],
                "training sequences": results["n_train"], "scored (after pre-filter)": results["n_scored"]}
     for key in ("factors_s", "score_s", "highlight_s"):
         if key in results["timings"]:

@@ -38,6 +38,7 @@ from kcircuits.influence.gradients import (
 from kcircuits.influence.modules import matrix_shape, tracked_modules
 from kcircuits.influence.sequences import Sequences
 from kcircuits.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from kcircuits.models.fingerprint import weights_fingerprint
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("true", "empirical")
@@ -175,9 +176,12 @@ def fit_factors(model: torch.nn.Module, train: Sequences, *, strategy: str = "ek
     ``checkpoint_seconds`` have passed since the last checkpoint (0: after every batch; the sums of a
     real model are gigabytes in float64, so writing them after every batch would dominate the fit),
     and at the end of every pass; a rerun with the same folder and configuration resumes from the
-    last checkpoint (a finished fit is simply loaded). ``samples``: label draws per sequence for the true Fisher (averaged; more draws = less
-    sampling noise in S and Λ; ignored for the empirical Fisher). ``callback(pass_name, batch_index)`` runs after each checkpoint (progress reporting;
-    tests use it to simulate a crash). ``objective``: internal hook for a non-LM loss (tests).
+    last checkpoint (a finished fit is simply loaded). The configuration includes the fingerprint of
+    the model's weights (``config["weights"]``), so factors of other weights are never resumed or
+    reused. ``samples``: label draws per sequence for the true Fisher (averaged; more draws = less
+    sampling noise in S and Λ; ignored for the empirical Fisher). ``callback(pass_name, batch_index)``
+    runs after each checkpoint (progress reporting; tests use it to simulate a crash).
+    ``objective``: internal hook for a non-LM loss (tests).
     """
     from tqdm.auto import tqdm
 
@@ -191,7 +195,7 @@ def fit_factors(model: torch.nn.Module, train: Sequences, *, strategy: str = "ek
     folder = Path(folder) if folder is not None else None
     config = {"strategy": strategy, "fisher": fisher, "batch_size": batch_size, "seed": seed,
               "modules": list(modules), "n_sequences": len(train), "data": data_fingerprint(train),
-              "objective": type(objective).__name__, "samples": samples}
+              "weights": weights_fingerprint(model), "objective": type(objective).__name__, "samples": samples}
     if folder is not None and (folder / "factors.json").exists():
         done = Factors.load(folder)
         if done.config == config:

@@ -15,7 +15,7 @@ q/k/v): those are copies that :meth:`ModelWeights.refresh` recomputes after an i
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers.activations import ACT2FN
@@ -27,7 +27,7 @@ from kcircuits.models.weights import MLP, Attention, Block, ModelWeights, Norm, 
 __all__ = ["MODEL_TYPES", "adapt", "check_supported", "live_weights", "supported_model_types"]
 
 #: HF model -> weak references to the ModelWeights adapted from it that hold copies (see ``live_weights``)
-_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[weakref.ref[ModelWeights]]]" = weakref.WeakKeyDictionary()
+_LIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[weakref.ref[ModelWeights]]] = weakref.WeakKeyDictionary()
 
 
 class _Reader:

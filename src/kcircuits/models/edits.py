@@ -41,7 +41,8 @@ def _resolve(hf: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[st
                                  f"(examples: {', '.join(list(params)[:3])})")
         p = params[name]
         if tuple(delta.shape) != tuple(p.shape):
-            raise KcircuitsError(f"the delta for {name} has shape {tuple(delta.shape)}; the parameter is {tuple(p.shape)}")
+            raise KcircuitsError(f"the delta for {name} has shape {tuple(delta.shape)}; "
+                                 f"the parameter is {tuple(p.shape)}")
         if id(p) in owner:
             raise KcircuitsError(f"{name} and {owner[id(p)]} are the same (tied) parameter; give one delta for it")
         owner[id(p)] = name

@@ -34,7 +34,8 @@ def check_supported(config) -> str:
         )
     if family == "llama":
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
-            raise KcircuitsError("sliding-window attention is not supported; load the model with use_sliding_window=False")
+            raise KcircuitsError("sliding-window attention is not supported; "
+                                 "load the model with use_sliding_window=False")
         if (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
             raise KcircuitsError("partial rotary embeddings are only supported for gpt_neox models")
     return family

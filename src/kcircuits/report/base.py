@@ -160,7 +160,7 @@ def records_table(rows: Sequence[Mapping[str, Any]]) -> str:
     table = [[_get(r, c) for c in cols] for r in rows]
     fmts = [column_formatter([row[j] for row in table]) for j in range(len(cols))]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(cell(v, f(v)) for v, f in zip(row, fmts)) + "</tr>" for row in table)
+    body = "".join("<tr>" + "".join(cell(v, f(v)) for v, f in zip(row, fmts, strict=True)) + "</tr>" for row in table)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 

@@ -178,7 +178,9 @@ def line_svg(chart: Mapping[str, Any], w: float = 720.0, h: float = 320.0) -> st
     unit = str(chart.get("x_unit") or "")
     xs = [_placeable(as_float(x), log_x) for x in chart.get("x") or []]
     series = _parse_series(chart.get("series") or {})
-    pts = {s.label: [(x, _placeable(y, log_y) if x is not None else None) for x, y in zip(xs, s.ys)]
+    # A series may be shorter than x (a stored report without it gives []): it is drawn where it has values.
+    pts = {s.label: [(x, _placeable(y, log_y) if x is not None else None)
+                     for x, y in zip(xs, s.ys, strict=False)]
            for s in series}
     bands = {s.label: _band_runs(xs, s, log_y) for s in series if s.band}
     hlines = _parse_hlines(chart.get("hlines") or [], log_y)
@@ -220,7 +222,7 @@ def line_svg(chart: Mapping[str, Any], w: float = 720.0, h: float = 320.0) -> st
 def _band_runs(xs: Sequence[float | None], s: _Series, log_y: bool) -> list[list[tuple[float, float, float]]]:
     """Runs of (x, y - band, y + band) where all are drawable; a gap in x, y or band splits them."""
     runs: list[list[tuple[float, float, float]]] = [[]]
-    for x, y, b in zip(xs, s.ys, s.band or []):
+    for x, y, b in zip(xs, s.ys, s.band or [], strict=False):  # as in line_svg: points past a short list are gaps
         if x is None or y is None or b is None or _placeable(y - b, log_y) is None or _placeable(y, log_y) is None:
             if runs[-1]:
                 runs.append([])
@@ -345,7 +347,7 @@ def heat_table(labels_rows: Sequence[str], labels_cols: Sequence[str], values: S
     """A matrix as an HTML table whose cells are shaded by value (``lo`` white ... ``hi`` deep blue)."""
     head = "".join(f"<th>{escape(str(c))}</th>" for c in labels_cols)
     body = []
-    for label, row in zip(labels_rows, values):
+    for label, row in zip(labels_rows, values, strict=True):
         cells = []
         for v in row:
             f = as_float(v)
@@ -357,4 +359,5 @@ def heat_table(labels_rows: Sequence[str], labels_cols: Sequence[str], values: S
             colour = "#fff" if t > 0.6 else "#111827"
             cells.append(f'<td class="num" style="background:{bg};color:{colour}">{fmt_number(f, ".3f")}</td>')
         body.append(f"<tr><th>{escape(str(label))}</th>{''.join(cells)}</tr>")
-    return f'<div class="scroll"><table><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (f'<div class="scroll"><table><thead><tr><th></th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')

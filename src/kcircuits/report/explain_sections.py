@@ -37,7 +37,8 @@ def _lens(report: Mapping[str, Any]) -> str:
                          "full model (clean) and for the circuit alone (edges outside it patched)"
                          + (f", over {trace['n_prompts']} prompts." if trace.get("n_prompts") else ".")))
     body += figure(line_svg({"title": "hit@10 by layer", "x": x, "series": series_hit, "x_label":
-                             "residual stream after layer", "y_label": "share of prompts with the answer in the top 10"}))
+                             "residual stream after layer",
+                             "y_label": "share of prompts with the answer in the top 10"}))
     settled = {name: trace[name].get("share_settled") for name in ("clean", "circuit") if name in trace}
     body += kv_table({f"share of prompts where the answer settles at rank 1 ({k})": v for k, v in settled.items()})
     return body

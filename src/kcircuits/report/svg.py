@@ -305,7 +305,8 @@ def _node_shape(lay: _Layout, n: _Node, deg_in: int, deg_out: int) -> str:
     tip = escape(f"{n.name} ({n.type}{where}): {deg_in} in, {deg_out} out")
     fill = NODE_COLOURS[n.type]
     if n.type == "head":
-        return f'<circle class="nd" cx="{fmt(x)}" cy="{fmt(y)}" r="{fmt(r)}" fill="{fill}"><title>{tip}</title></circle>'
+        return (f'<circle class="nd" cx="{fmt(x)}" cy="{fmt(y)}" r="{fmt(r)}" fill="{fill}">'
+                f'<title>{tip}</title></circle>')
     if n.type == "mlp":
         s = r * 1.8
         return (f'<rect class="nd" x="{fmt(x - s / 2)}" y="{fmt(y - s / 2)}" width="{fmt(s)}" height="{fmt(s)}" '
@@ -314,8 +315,9 @@ def _node_shape(lay: _Layout, n: _Node, deg_in: int, deg_out: int) -> str:
         pts = " ".join(f"{fmt(x + dx)},{fmt(y + dy)}" for dx, dy in ((0, -r), (r, 0), (0, r), (-r, 0)))
         return f'<polygon class="kvn" points="{pts}"><title>{tip}</title></polygon>'
     w, h = 64.0, r * 2.6
-    return (f'<g><rect x="{fmt(x - w / 2)}" y="{fmt(y - h / 2)}" width="{fmt(w)}" height="{fmt(h)}" rx="4" fill="{fill}">'
-            f'<title>{tip}</title></rect><text x="{fmt(x)}" y="{fmt(y + 4)}" text-anchor="middle" class="lbl" '
+    return (f'<g><rect x="{fmt(x - w / 2)}" y="{fmt(y - h / 2)}" width="{fmt(w)}" height="{fmt(h)}" rx="4" '
+            f'fill="{fill}"><title>{tip}</title></rect>'
+            f'<text x="{fmt(x)}" y="{fmt(y + 4)}" text-anchor="middle" class="lbl" '
             f'style="fill:#fff">{escape(n.name)}</text></g>')
 
 
@@ -348,7 +350,8 @@ def _legend(types: set[str], kinds: set[str], max_abs: float) -> list[str]:
     """Two legend lines at the top: node types present; edge sign, kind and width scale."""
     out: list[str] = []
     x, y = 10.0, 18.0
-    order = [("input", "input"), ("head", "attention head"), ("kv", "k/v group input"), ("mlp", "MLP"), ("logits", "logits")]
+    order = [("input", "input"), ("head", "attention head"), ("kv", "k/v group input"), ("mlp", "MLP"),
+             ("logits", "logits")]
     for typ, label in order:
         if typ not in types and typ not in ("head", "mlp"):
             continue
@@ -356,8 +359,8 @@ def _legend(types: set[str], kinds: set[str], max_abs: float) -> list[str]:
         if typ == "head":
             out.append(f'<circle cx="{fmt(x + 5)}" cy="{fmt(y - 4)}" r="5" fill="{fill}"/>')
         elif typ == "kv":
-            out.append(f'<polygon points="{fmt(x + 5)},{fmt(y - 9)} {fmt(x + 10)},{fmt(y - 4)} {fmt(x + 5)},{fmt(y + 1)} '
-                       f'{fmt(x)},{fmt(y - 4)}" class="kvn"/>')
+            out.append(f'<polygon points="{fmt(x + 5)},{fmt(y - 9)} {fmt(x + 10)},{fmt(y - 4)} '
+                       f'{fmt(x + 5)},{fmt(y + 1)} {fmt(x)},{fmt(y - 4)}" class="kvn"/>')
         else:
             rx = "2" if typ in ("input", "logits") else "1.5"
             out.append(f'<rect x="{fmt(x)}" y="{fmt(y - 9)}" width="10" height="10" rx="{rx}" fill="{fill}"/>')

@@ -123,7 +123,8 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
     n_init = None
     if has_scores:
         cand = int(ranks.max()) + 1 if ranks.numel() else 0
-        if cand <= n_ordered and torch.equal(prune(_prefix_circuit(graph, src, dst, cand, scores)).edges, circuit.edges):
+        if cand <= n_ordered and torch.equal(prune(_prefix_circuit(graph, src, dst, cand, scores)).edges,
+                                             circuit.edges):
             n_init = cand
     score_vals = scores[src, dst].numpy().astype("<f4")
     finite = score_vals[np.isfinite(score_vals)]
@@ -172,6 +173,12 @@ def _asset(name: str) -> str:
     return resources.files("kcircuits.report").joinpath(name).read_text(encoding="utf-8")
 
 
+# the edge-count control's tooltip and accessible name
+_N_TITLE = ("select the n edges with the highest |score| over the whole graph, then prune "
+            "(as kcircuits.graph.select_topn + prune)")
+_N_LABEL = "number of edges selected before pruning"
+
+
 def viewer_section(payload: dict) -> str:
     """The viewer's HTML: controls, canvas, side panel, edge table, inline CSS, data and script."""
     js = _asset("viewer.js")
@@ -180,11 +187,12 @@ def viewer_section(payload: dict) -> str:
     return f"""<style>{_asset("viewer.css")}</style>
 <div class="kcv" id="kcv">
 <div class="kcv-bar">
- <label class="kcv-nlab" title="select the n edges with the highest |score| over the whole graph, then prune (as kcircuits.graph.select_topn + prune)">top
-  <input type="range" id="kcv-n" min="0" max="0" value="0" aria-label="number of edges selected before pruning">
-  <input type="number" id="kcv-nbox" min="0" max="0" value="0" aria-label="number of edges selected before pruning"></label>
+ <label class="kcv-nlab" title="{_N_TITLE}">top
+  <input type="range" id="kcv-n" min="0" max="0" value="0" aria-label="{_N_LABEL}">
+  <input type="number" id="kcv-nbox" min="0" max="0" value="0" aria-label="{_N_LABEL}"></label>
  <span class="kcv-count" id="kcv-count"></span>
- <span class="kcv-btns"><button type="button" data-act="circuit" title="back to the run's own circuit">run's circuit</button>
+ <span class="kcv-btns"><button type="button" data-act="circuit"
+  title="back to the run's own circuit">run's circuit</button>
  <button type="button" data-act="fit" title="fit the drawing into the view">fit</button>
  <button type="button" data-act="svg">Download SVG</button>
  <button type="button" data-act="png">Download PNG</button></span>

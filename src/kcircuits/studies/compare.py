@@ -42,7 +42,7 @@ def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m",
     lm_name = model_name(model)
     size = circuit_size(engine.graph, st)
     pairs, circuits = {}, {}
-    for rel, name in zip(relations, names):
+    for rel, name in zip(relations, names, strict=True):
         pairs[name] = prepare_prompts(lm, engine, rel, settings=replace(st.prompts, split=None), seed=st.run.seed,
                                       batch_size=st.run.batch_size)["all"].pairs
         circuits[name], _ = find_circuit(run, name, engine, lm, pairs[name], st, n_edges=size, progress=progress)
@@ -53,7 +53,8 @@ def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m",
     faith = [[faith_cols[b][a] for b in names] for a in names]
     result = {"relations": names, "n_edges": size, "n_prompts": {n: len(p) for n, p in pairs.items()},
               "node_jaccard": node_j, "edge_jaccard": edge_j, "faithfulness": faith,
-              "faithfulness_rows": "circuit of the row's relation", "faithfulness_cols": "prompts of the column's relation",
+              "faithfulness_rows": "circuit of the row's relation",
+              "faithfulness_cols": "prompts of the column's relation",
               "composition": {n: composition(c) for n, c in circuits.items()}}
     run.write_json("compare.json", result)
     finish(run, {"title": f"kcircuits compare: {', '.join(names)} on {lm_name}",
@@ -74,7 +75,8 @@ def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m",
     return result
 
 
-def _narrative(names: list[str], node_j: list[list[float]], edge_j: list[list[float]], faith: list[list[float]]) -> list[str]:
+def _narrative(names: list[str], node_j: list[list[float]], edge_j: list[list[float]],
+               faith: list[list[float]]) -> list[str]:
     n = len(names)
     off = [(i, j) for i in range(n) for j in range(n) if i != j]
     best = max(off, key=lambda ij: edge_j[ij[0]][ij[1]])

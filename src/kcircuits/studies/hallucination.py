@@ -75,7 +75,7 @@ def hallucination(relation: str = "country_capital", model: str | LoadedModel = 
     pairs = prepare_prompts(lm, engine, relation, max_pairs=st.prompts.max_pairs, seed=st.run.seed,
                             batch_size=batch_size)["all"].pairs
     ranks, top = answer_ranks(engine, pairs, lm.pad_token_id, batch_size)
-    right = [p for p, r in zip(pairs, ranks.tolist()) if r == 1][:max_per_group]
+    right = [p for p, r in zip(pairs, ranks.tolist(), strict=True) if r == 1][:max_per_group]
     wrong_idx = [i for i, r in enumerate(ranks.tolist()) if r > 1][:max_per_group]
     if len(right) < min_per_group or len(wrong_idx) < min_per_group:
         raise KcircuitsError(
@@ -115,7 +115,7 @@ def hallucination(relation: str = "country_capital", model: str | LoadedModel = 
         "lost_at_layer": lost, "wrong_answer_settles_at": wrong_emerges,
         "wrong_prompts": [{"prompt": p.clean_text, "answer": p.object, "predicted": q.object, "rank": int(ranks[i]),
                            "lost_at_layer": lo}
-                          for p, q, i, lo in zip(wrong, predicted, wrong_idx, lost)],
+                          for p, q, i, lo in zip(wrong, predicted, wrong_idx, lost, strict=True)],
         "wrong_attribute_movers": movers,
     }
     run.write_json("hallucination.json", result)
@@ -150,7 +150,8 @@ def _report(res: dict, model_name: str) -> dict:
         f"{res['n_wrong']} wrong (first answer token ranked first or not); {res['n_used']['right']} right and "
         f"{res['n_used']['wrong']} wrong prompts were analysed.",
         (f"On wrong prompts the correct answer is lost at layer {_median(lost):.0f} (median over the "
-         f"{len(lost)} prompts where it peaks before the output; {len(res['lost_at_layer']) - len(lost)} never lose it, "
+         f"{len(lost)} prompts where it peaks before the output; "
+         f"{len(res['lost_at_layer']) - len(lost)} never lose it, "
          "they simply never rank it higher)." if lost else
          "On wrong prompts the correct answer has its best rank at the output: it is never built up and then lost."),
         (f"The wrong prediction settles at rank 1 after layer {_median(settle):.0f} (median)." if settle else

@@ -53,7 +53,8 @@ def _span_mask(tokenizer, pairs: list, spans: list[tuple[int, int]], width: int)
     for i, p in enumerate(pairs):
         offsets = token_offsets(tokenizer, p.clean_text, p.clean_ids)
         if offsets is None:
-            raise KcircuitsError("the ICL study needs a fast tokenizer (character offsets) to find the demonstrations' answers")
+            raise KcircuitsError("the ICL study needs a fast tokenizer (character offsets) "
+                                 "to find the demonstrations' answers")
         for t, (a, b) in enumerate(offsets[:width]):
             out[i, t] = b > a and any(a < s1 and b > s0 for s0, s1 in spans)
     return out
@@ -143,7 +144,7 @@ def icl(relation: str = "country_currency", model: str | LoadedModel = "smollm2-
                                                            b.clean.shape[1]))
                       for i, b in enumerate(batches)], 1).mean(1)  # [L*H]
     head_names = [f"a{layer}.h{h}" for layer in range(engine.graph.n_layers) for h in range(engine.graph.n_heads)]
-    attn_of = dict(zip(head_names, attn.tolist()))
+    attn_of = dict(zip(head_names, attn.tolist(), strict=True))
     mean = mean_activations(engine, batches)
     ablation_res = None
     if new_heads:

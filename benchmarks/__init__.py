@@ -1,0 +1,1 @@
+"""Benchmark scripts, and the helpers they share with the tests (``benchmarks.facts_setup``)."""
