@@ -58,31 +58,38 @@ def option(default: Any, help: str, *, flag: str | None = None,
     return field(default=default, metadata=meta)
 
 
-def _need(ok: bool, message: str) -> None:
+# --------------------------------------------------------------------------- validation helpers
+# Public: every settings module (this one, kcircuits.influence.settings) validates with these.
+def require(ok: bool, message: str) -> None:
+    """Raise the one-line user error ``message`` unless ``ok``."""
     if not ok:
         raise KcircuitsError(message)
 
 
-def _int(value: Any, name: str) -> int:
+def whole_number(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` as an int (1.0 is accepted, 1.5 and True are not), at least ``minimum`` if given."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or (isinstance(value, float) and not value.is_integer())):
         raise KcircuitsError(f"{name} must be a whole number, got {value!r}")
-    return int(value)
+    value = int(value)
+    require(minimum is None or value >= minimum, f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
-def _float(value: Any, name: str) -> float:
+def finite_number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise KcircuitsError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields once
+def set_field(obj: Any, name: str, value: Any) -> None:
+    """Store a normalised value on a frozen settings object (done once, in ``__post_init__``)."""
+    object.__setattr__(obj, name, value)
 
 
-def _choice(value: str, allowed: Iterable[str], what: str) -> str:
+def one_of(value: Any, allowed: Iterable[str], what: str) -> str:
     allowed = tuple(allowed)
-    _need(value in allowed, f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+    require(value in allowed, f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
     return value
 
 
@@ -105,10 +112,10 @@ class ScoringSettings:
                                  choices=ANSWER_SCORING)
 
     def __post_init__(self) -> None:
-        _choice(self.metric, METRIC_NAMES, "metric")
-        _choice(self.ablation, ABLATIONS, "ablation")
-        _choice(self.answer_scoring, ANSWER_SCORING, "answer scoring")
-        _need(not (self.answer_scoring == "full" and self.metric == "logit_diff"),
+        one_of(self.metric, METRIC_NAMES, "metric")
+        one_of(self.ablation, ABLATIONS, "ablation")
+        one_of(self.answer_scoring, ANSWER_SCORING, "answer scoring")
+        require(not (self.answer_scoring == "full" and self.metric == "logit_diff"),
               "the logit difference compares single tokens; with --answer-scoring full use --metric logprob or prob")
 
 
@@ -122,9 +129,9 @@ class AttributionSettings:
                            invert="--ungrouped", invert_help="one k/v destination per query head (GQA models)")
 
     def __post_init__(self) -> None:
-        _choice(self.method, discovery_method_names(), "discovery method")
-        _set(self, "steps", _int(self.steps, "--steps"))
-        _need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        one_of(self.method, discovery_method_names(), "discovery method")
+        set_field(self, "steps", whole_number(self.steps, "--steps"))
+        require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -141,16 +148,16 @@ class CircuitSize:
 
     def __post_init__(self) -> None:
         given = [k for k in ("n_edges", "percent", "threshold") if getattr(self, k) is not None]
-        _need(len(given) <= 1, f"give one circuit size, not {' and '.join(given)}")
+        require(len(given) <= 1, f"give one circuit size, not {' and '.join(given)}")
         if self.n_edges is not None:
-            _set(self, "n_edges", _int(self.n_edges, "--edges"))
-            _need(self.n_edges >= 1, f"--edges must be >= 1, got {self.n_edges}")
+            set_field(self, "n_edges", whole_number(self.n_edges, "--edges"))
+            require(self.n_edges >= 1, f"--edges must be >= 1, got {self.n_edges}")
         if self.percent is not None:
-            _set(self, "percent", _float(self.percent, "--percent"))
-            _need(0 < self.percent <= 100, f"--percent must be in (0, 100], got {self.percent:g}")
+            set_field(self, "percent", finite_number(self.percent, "--percent"))
+            require(0 < self.percent <= 100, f"--percent must be in (0, 100], got {self.percent:g}")
         if self.threshold is not None:
-            _set(self, "threshold", _float(self.threshold, "--threshold"))
-        _choice(self.selection, SELECTIONS, "selection")
+            set_field(self, "threshold", finite_number(self.threshold, "--threshold"))
+        one_of(self.selection, SELECTIONS, "selection")
 
     def edges_for(self, n_graph_edges: int) -> int | None:
         """The number of edges to select in a graph of ``n_graph_edges`` (None: select by threshold)."""
@@ -190,15 +197,15 @@ class PromptSettings:
 
     def __post_init__(self) -> None:
         if self.split is not None:
-            _set(self, "split", _float(self.split, "--split"))
-            _need(0 < self.split < 1, f"--split must be a fraction strictly between 0 and 1, got {self.split:g}")
-        _set(self, "known_k", _int(self.known_k, "--known-k"))
-        _need(self.known_k >= 1, f"--known-k must be >= 1, got {self.known_k}")
-        _choice(self.known_only_on, KNOWN_ONLY_ON, "--known-only-on")
+            set_field(self, "split", finite_number(self.split, "--split"))
+            require(0 < self.split < 1, f"--split must be a fraction strictly between 0 and 1, got {self.split:g}")
+        set_field(self, "known_k", whole_number(self.known_k, "--known-k"))
+        require(self.known_k >= 1, f"--known-k must be >= 1, got {self.known_k}")
+        one_of(self.known_only_on, KNOWN_ONLY_ON, "--known-only-on")
         if self.max_pairs is not None:
-            _set(self, "max_pairs", _int(self.max_pairs, "--max-pairs"))
-            _need(self.max_pairs >= 1, f"--max-pairs must be >= 1 (or 0 for no cap), got {self.max_pairs}")
-        _set(self, "templates", _parse_templates(self.templates))
+            set_field(self, "max_pairs", whole_number(self.max_pairs, "--max-pairs"))
+            require(self.max_pairs >= 1, f"--max-pairs must be >= 1 (or 0 for no cap), got {self.max_pairs}")
+        set_field(self, "templates", _parse_templates(self.templates))
 
 
 @dataclass(frozen=True)
@@ -214,12 +221,12 @@ class EvaluationSettings:
     export_mib: bool = option(False, "also write circuit_mib.json (EAP-IG/MIB graph format)")
 
     def __post_init__(self) -> None:
-        _set(self, "curve_percents", tuple(_float(p, "curve percent") for p in self.curve_percents))
-        _need(all(0 < p <= 100 for p in self.curve_percents), "curve percents must be in (0, 100]")
-        _set(self, "n_random", _int(self.n_random, "--random-draws"))
-        _need(self.n_random >= 0, f"--random-draws must be >= 0, got {self.n_random}")
-        _set(self, "explain_prompts", _int(self.explain_prompts, "--explain-prompts"))
-        _need(self.explain_prompts >= 0, f"--explain-prompts must be >= 0, got {self.explain_prompts}")
+        set_field(self, "curve_percents", tuple(finite_number(p, "curve percent") for p in self.curve_percents))
+        require(all(0 < p <= 100 for p in self.curve_percents), "curve percents must be in (0, 100]")
+        set_field(self, "n_random", whole_number(self.n_random, "--random-draws"))
+        require(self.n_random >= 0, f"--random-draws must be >= 0, got {self.n_random}")
+        set_field(self, "explain_prompts", whole_number(self.explain_prompts, "--explain-prompts"))
+        require(self.explain_prompts >= 0, f"--explain-prompts must be >= 0, got {self.explain_prompts}")
 
 
 @dataclass(frozen=True)
@@ -232,10 +239,10 @@ class RunSettings:
     seed: int = option(0, "seed of the split, the pair cap and the random baselines")
 
     def __post_init__(self) -> None:
-        _choice(self.dtype, DTYPES, "--dtype")
-        _set(self, "batch_size", _int(self.batch_size, "--batch-size"))
-        _need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _set(self, "seed", _int(self.seed, "--seed"))
+        one_of(self.dtype, DTYPES, "--dtype")
+        set_field(self, "batch_size", whole_number(self.batch_size, "--batch-size"))
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        set_field(self, "seed", whole_number(self.seed, "--seed"))
 
 
 # --------------------------------------------------------------------------- building settings

@@ -18,13 +18,12 @@ This module imports no torch, so ``kcircuits --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from kcircuits.errors import KcircuitsError
-from kcircuits.settings import DTYPES, option
+from kcircuits.settings import DTYPES, finite_number, one_of, option, require, set_field, whole_number
 
 #: strategies that fit curvature factors (``fit``), and every scoring strategy (``score``)
 FACTOR_STRATEGIES = ("ekfac", "kfac", "diagonal")
@@ -34,37 +33,6 @@ MEASUREMENTS = ("logprob", "margin")
 NORMALIZE = ("none", "relative")
 #: LiSSA's knobs, each a ``lissa_<key>`` field of :class:`ScoreSettings` (None: the core's default)
 LISSA_KEYS = ("scale", "depth", "repeats", "batch_size", "seed")
-
-
-# --------------------------------------------------------------------------- validation helpers
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise KcircuitsError(message)
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields once
-
-
-def _int(value: Any, name: str, minimum: int | None = None) -> int:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not value.is_integer())):
-        raise KcircuitsError(f"{name} must be a whole number, got {value!r}")
-    value = int(value)
-    _need(minimum is None or value >= minimum, f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise KcircuitsError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _choice(value: Any, allowed: Iterable[str], name: str) -> str:
-    allowed = tuple(allowed)
-    _need(value in allowed, f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
-    return value
 
 
 def _names(value: Any, name: str) -> tuple[str, ...] | None:
@@ -87,8 +55,8 @@ def damping_value(value: Any) -> float | str:
             value = float(value)
         except ValueError:
             raise KcircuitsError(f"damping must be a number or 'heuristic', got {value!r}") from None
-    value = _float(value, "damping")
-    _need(value >= 0, f"damping must be >= 0, got {value:g}")
+    value = finite_number(value, "damping")
+    require(value >= 0, f"damping must be >= 0, got {value:g}")
     return value
 
 
@@ -120,15 +88,15 @@ class _FactorSettings:
                                        hashed=False)
 
     def __post_init__(self) -> None:
-        _choice(self.fisher, FISHERS, "fisher")
-        _set(self, "max_length", _int(self.max_length, "max_length", 2))
-        _set(self, "batch_size", _int(self.batch_size, "batch_size", 1))
-        _set(self, "include", _names(self.include, "include"))
-        _set(self, "seed", _int(self.seed, "seed"))
-        _choice(self.dtype, DTYPES, "dtype")
-        _need(self.device is None or isinstance(self.device, str), f"device must be a string, got {self.device!r}")
-        _set(self, "checkpoint_seconds", _float(self.checkpoint_seconds, "checkpoint_seconds"))
-        _need(self.checkpoint_seconds >= 0, f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds:g}")
+        one_of(self.fisher, FISHERS, "fisher")
+        set_field(self, "max_length", whole_number(self.max_length, "max_length", 2))
+        set_field(self, "batch_size", whole_number(self.batch_size, "batch_size", 1))
+        set_field(self, "include", _names(self.include, "include"))
+        set_field(self, "seed", whole_number(self.seed, "seed"))
+        one_of(self.dtype, DTYPES, "dtype")
+        require(self.device is None or isinstance(self.device, str), f"device must be a string, got {self.device!r}")
+        set_field(self, "checkpoint_seconds", finite_number(self.checkpoint_seconds, "checkpoint_seconds"))
+        require(self.checkpoint_seconds >= 0, f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds:g}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +107,7 @@ class FitSettings(_FactorSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice(self.strategy, FACTOR_STRATEGIES, "strategy")
+        one_of(self.strategy, FACTOR_STRATEGIES, "strategy")
 
 
 @dataclass(frozen=True)
@@ -179,31 +147,31 @@ class ScoreSettings(_FactorSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice(self.strategy, SCORE_STRATEGIES, "strategy")
-        _set(self, "damping", damping_value(self.damping))
+        one_of(self.strategy, SCORE_STRATEGIES, "strategy")
+        set_field(self, "damping", damping_value(self.damping))
         for name in ("per_layer", "per_token", "highlight"):
-            _need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
-        _set(self, "components", _names(self.components, "components"))
+            require(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        set_field(self, "components", _names(self.components, "components"))
         if self.query_rank is not None:
-            rank = _int(self.query_rank, "query_rank", 0)
-            _set(self, "query_rank", rank or None)  # 0: exact, as on the command line
+            rank = whole_number(self.query_rank, "query_rank", 0)
+            set_field(self, "query_rank", rank or None)  # 0: exact, as on the command line
         for name in ("rescore_top_k", "bm25_candidates"):
             if getattr(self, name) is not None:
-                _set(self, name, _int(getattr(self, name), name, 1))
+                set_field(self, name, whole_number(getattr(self, name), name, 1))
         if self.normalize == "none":
-            _set(self, "normalize", None)
-        _need(self.normalize in (None, "relative"), f"unknown normalize {self.normalize!r}: use none or relative")
-        _choice(self.measurement, MEASUREMENTS, "measurement")
-        _set(self, "top_k", _int(self.top_k, "top_k", 1))
-        _set(self, "power_law_bootstrap", _int(self.power_law_bootstrap, "power_law_bootstrap", 0))
+            set_field(self, "normalize", None)
+        require(self.normalize in (None, "relative"), f"unknown normalize {self.normalize!r}: use none or relative")
+        one_of(self.measurement, MEASUREMENTS, "measurement")
+        set_field(self, "top_k", whole_number(self.top_k, "top_k", 1))
+        set_field(self, "power_law_bootstrap", whole_number(self.power_law_bootstrap, "power_law_bootstrap", 0))
         if self.lissa_scale is not None:
-            _set(self, "lissa_scale", _float(self.lissa_scale, "lissa_scale"))
-            _need(self.lissa_scale > 0, f"lissa_scale must be > 0, got {self.lissa_scale:g}")
+            set_field(self, "lissa_scale", finite_number(self.lissa_scale, "lissa_scale"))
+            require(self.lissa_scale > 0, f"lissa_scale must be > 0, got {self.lissa_scale:g}")
         for key in ("depth", "repeats", "batch_size"):
             if getattr(self, f"lissa_{key}") is not None:
-                _set(self, f"lissa_{key}", _int(getattr(self, f"lissa_{key}"), f"lissa_{key}", 1))
+                set_field(self, f"lissa_{key}", whole_number(getattr(self, f"lissa_{key}"), f"lissa_{key}", 1))
         if self.lissa_seed is not None:
-            _set(self, "lissa_seed", _int(self.lissa_seed, "lissa_seed"))
+            set_field(self, "lissa_seed", whole_number(self.lissa_seed, "lissa_seed"))
 
     @property
     def lissa(self) -> dict | None:
@@ -221,7 +189,7 @@ def lissa_fields(lissa: Any) -> dict[str, Any]:
     if "damping" in lissa:
         raise KcircuitsError("lissa={'damping': ...} is the score's damping: pass damping=... instead")
     unknown = sorted(set(lissa) - set(LISSA_KEYS))
-    _need(not unknown, f"unknown lissa option(s) {', '.join(map(str, unknown))}; known: {', '.join(LISSA_KEYS)}")
+    require(not unknown, f"unknown lissa option(s) {', '.join(map(str, unknown))}; known: {', '.join(LISSA_KEYS)}")
     return {f"lissa_{k}": v for k, v in lissa.items()}
 
 
