@@ -32,7 +32,7 @@ from kcircuits.evaluate import Evaluator
 from kcircuits.graph import Graph, prune, select_greedy
 from kcircuits.io import atomic_write_text
 from kcircuits.models import load_model
-from kcircuits.report_data import random_mean
+from kcircuits.report.data import random_mean
 
 #: The demo's settings (scripts/demo.sh), so the demo's own run folder is reused.
 DEMO = dict(method="eap-ig", steps=5, split=0.5, known_only=True, known_k=10, percent=1)

@@ -20,7 +20,7 @@ import torch
 from kcircuits.graph import Graph, prune, select_topn
 from kcircuits.report import write_report
 from kcircuits.report.viewer import viewer_payload
-from kcircuits.report_data import build_report
+from kcircuits.report.data import build_report
 from tests.model_helpers import tiny_model
 
 pytestmark = pytest.mark.browser

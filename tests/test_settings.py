@@ -74,3 +74,11 @@ def test_api_and_cli_give_one_folder_for_one_configuration(tiny_smol_dir, tmp_pa
                  "--batch-size", "2", "--steps", "2", "--no-curve", "--random-draws", "0", "--explain-prompts", "0",
                  "--quiet"])
     assert code == 0 and sorted(p.name for p in (tmp_path / "runs").iterdir()) == before == [res.folder.name]
+
+
+def test_the_settings_choices_are_what_the_code_implements():
+    from kcircuits.discover.registry import load_all
+    from kcircuits.metrics import METRICS
+
+    assert tuple(METRICS) == S.METRIC_NAMES  # a metric named in the settings exists, and every metric is offered
+    assert S.discovery_method_names() == tuple(load_all())

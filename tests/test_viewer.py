@@ -28,7 +28,7 @@ from kcircuits.report.viewer import (
     viewer_payload,
     viewer_section,
 )
-from kcircuits.report_data import build_report
+from kcircuits.report.data import build_report
 
 _DTYPES = {"uint16": "<u2", "int32": "<i4", "float32": "<f4"}
 

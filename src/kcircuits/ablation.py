@@ -7,8 +7,8 @@ import torch
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
+from kcircuits.settings import ABLATIONS  # the one list of ablations (settings own the choices)
 
-ABLATIONS = ("corrupt", "zero", "mean")
 
 
 def check_ablation(kind: str) -> str:

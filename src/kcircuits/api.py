@@ -25,7 +25,7 @@ from kcircuits.discover.registry import get_method
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator
-from kcircuits.explain import Explanation, explain
+from kcircuits.analyze.explain import Explanation, explain
 from kcircuits.graph import Circuit, Graph
 from kcircuits.io import read_json
 from kcircuits.models import LoadedModel
@@ -40,7 +40,7 @@ from kcircuits.pipeline import (  # noqa: F401  (re-exported: the steps' public 
     prepare_prompts,
 )
 from kcircuits.report import write_report
-from kcircuits.report_data import build_report
+from kcircuits.report.data import build_report
 from kcircuits.runs import RunFolder
 from kcircuits.selection import select, select_by_threshold
 from kcircuits.settings import (
@@ -193,7 +193,7 @@ def circuit_of_size(graph: Graph, scores: torch.Tensor, size: CircuitSize) -> Ci
 def explain_circuit(run: RunFolder, engine: Engine, lm: LoadedModel, circuit: Circuit, pairs: list,
                     answer_range: list[int], *, ablation: str, batch_size: int,
                     thresholds: RoleThresholds | None) -> Explanation:
-    """:func:`kcircuits.explain.explain` with the model's tokenizer, padding and device; writes
+    """:func:`kcircuits.analyze.explain.explain` with the model's tokenizer, padding and device; writes
     ``lens.json``, ``roles.json`` and ``composition.json`` into the run folder."""
     ex = explain(engine, lm.tokenizer, pairs, lm.pad_token_id, circuit=circuit, ablation=ablation,
                  batch_size=batch_size, thresholds=thresholds, answer_range=answer_range, device=lm.device)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from kcircuits.errors import KcircuitsError
+from kcircuits.settings import ANSWER_SCORING  # the one list of answer scorings
 
-ANSWER_SCORING = ("first_token", "full")
 
 
 @dataclass

@@ -180,7 +180,7 @@ def _influence(args) -> None:
 
 
 def _print_result(res) -> None:
-    from kcircuits.report_data import random_mean
+    from kcircuits.report.data import random_mean
 
     print(f"circuit: {res.circuit.n_edges} edges, {len(res.circuit.nodes())} nodes")
     for role, m in res.metrics["sets"].items():

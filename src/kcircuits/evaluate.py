@@ -31,10 +31,9 @@ from kcircuits.metrics import (
     stable_prompts,
     summary,
 )
+from kcircuits.settings import CURVE_PERCENTS
 from kcircuits.selection import RANDOM_KINDS, CircuitShape, random_circuit, random_circuits, select
 
-#: Circuit sizes of the faithfulness curve, in percent of all edges (MIB's grid).
-CURVE_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
 @dataclass

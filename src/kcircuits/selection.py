@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kcircuits.errors import KcircuitsError
+from kcircuits.settings import SELECTIONS  # the one list of selection rules
 from kcircuits.graph import (
     Circuit,
     Graph,
@@ -33,7 +34,6 @@ from kcircuits.graph import (
     select_topn,
 )
 
-SELECTIONS = ("topn", "greedy")
 #: The random baselines drawn for every evaluated circuit (see the module docstring).
 RANDOM_KINDS = ("same_size", "same_logit_edges")
 

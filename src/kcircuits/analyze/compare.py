@@ -6,7 +6,7 @@ by layer band, and its edges by the type of their source and the kind of their d
 destinations they feed (a head's q/k/v input is read through ``ln1``), so they are not counted
 separately. Overlap is the Jaccard index ``|A ∩ B| / |A ∪ B|`` of node sets and of edge sets; the
 behavioural overlap (circuit A's faithfulness on relation B's prompts) needs a model and lives in
-:func:`kcircuits.explain.compare`.
+:func:`kcircuits.analyze.explain.compare`.
 """
 
 from __future__ import annotations

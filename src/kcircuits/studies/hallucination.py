@@ -26,7 +26,7 @@ from kcircuits.pipeline import answer_ranks, prepare_prompts
 from kcircuits.pipeline import model_name as pipeline_model_name
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
-from kcircuits.explain import Explanation, explain, layer_trace
+from kcircuits.analyze.explain import Explanation, explain, layer_trace
 from kcircuits.models import LoadedModel
 from kcircuits.studies.common import (
     StudySettings,
