@@ -40,26 +40,18 @@ def _settings_from(args, names: tuple[str, ...]) -> dict:
 
 
 def _thresholds_args(p: argparse.ArgumentParser) -> None:
-    """Head-role thresholds (docs/analysis.md has the criteria)."""
+    """Head-role thresholds (docs/analysis.md has the criteria), generated from :class:`RoleThresholds`."""
     from kcircuits.analyze.head_roles import RoleThresholds
+    from kcircuits.settings import add_arguments
 
-    t = RoleThresholds()
-    g = p.add_argument_group("head-role thresholds")
-    g.add_argument("--subject-mass-min", type=float, default=t.subject_mass_min, help="mover: attention to the subject")
-    g.add_argument("--relation-mass-min", type=float, default=t.relation_mass_min,
-                   help="relation head: attention to the relation")
-    g.add_argument("--answer-z-min", type=float, default=t.answer_z_min,
-                   help="mover: z-score of the answer's direct effect")
-    g.add_argument("--specificity-min", type=float, default=t.specificity_min, help="mover: answer z minus range z")
-    g.add_argument("--range-z-min", type=float, default=t.range_z_min,
-                   help="relation head: z-score on the answer range")
+    add_arguments(p, RoleThresholds, group=p.add_argument_group("head-role thresholds"))
 
 
 def _thresholds(args):
     from kcircuits.analyze.head_roles import RoleThresholds
+    from kcircuits.settings import from_args
 
-    return RoleThresholds(args.subject_mass_min, args.relation_mass_min, args.answer_z_min, args.specificity_min,
-                          args.range_z_min)
+    return from_args(RoleThresholds, args)
 
 
 #: The settings every study takes, and the fields a study does not use (kept off its options).

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
+from kcircuits.settings import option
 
 OTHER, SUBJECT, RELATION = 0, 1, 2
 TOKEN_KINDS = ("other", "subject", "relation")
@@ -47,11 +48,11 @@ _SENTENCE_ENDS = (". ", "\n", "? ", "! ", "; ")
 class RoleThresholds:
     """Thresholds of the role criteria (module docstring); every one can be set by the user."""
 
-    subject_mass_min: float = 0.3
-    relation_mass_min: float = 0.3
-    answer_z_min: float = 2.0
-    specificity_min: float = 1.0
-    range_z_min: float = 1.0
+    subject_mass_min: float = option(0.3, "mover: attention to the subject", type=float)
+    relation_mass_min: float = option(0.3, "relation head: attention to the relation", type=float)
+    answer_z_min: float = option(2.0, "mover: z-score of the answer's direct effect", type=float)
+    specificity_min: float = option(1.0, "mover: answer z minus range z", type=float)
+    range_z_min: float = option(1.0, "relation head: z-score on the answer range", type=float)
 
     def moves_subject(self, subject_mass: float, answer_z: float, specificity: float) -> bool:
         return (subject_mass >= self.subject_mass_min and answer_z >= self.answer_z_min
