@@ -149,7 +149,8 @@ def influence_method(method: str, model, queries: Sequences, train: Sequences, a
             have = cached_factors(needs, model, train, args, include, epoch)
             cache[needs] = have
         factors, fit_s = have
-    queries_used = queries if strategy != "lissa" or not args.lissa_queries else queries.subset(range(args.lissa_queries))
+    queries_used = (queries if strategy != "lissa" or not args.lissa_queries
+                    else queries.subset(range(args.lissa_queries)))
     t1 = time.perf_counter()
     res = pairwise_scores(model, queries_used, train, strategy=strategy, factors=factors, batch_size=args.batch_size,
                           query_rank=args.query_rank or None, include=include, progress=False, **options,
@@ -204,10 +205,11 @@ def by_probability(recall: torch.Tensor, prob: torch.Tensor) -> list[dict]:
     """Mean recall of the queries in each band of p(completion): why memorised facts are hard to
     trace (their sources' own loss gradients vanish at the answer)."""
     rows = []
-    for lo, hi in zip(PROBABILITY_BINS[:-1], PROBABILITY_BINS[1:]):
+    for lo, hi in zip(PROBABILITY_BINS[:-1], PROBABILITY_BINS[1:], strict=True):
         inside = (prob >= lo) & ((prob < hi) if hi < 1.0 else (prob <= hi))
         if inside.any():
-            rows.append({"p_from": lo, "p_to": hi, "queries": int(inside.sum()), "recall": float(recall[inside].mean())})
+            rows.append({"p_from": lo, "p_to": hi, "queries": int(inside.sum()),
+                         "recall": float(recall[inside].mean())})
     return rows
 
 
@@ -260,7 +262,7 @@ def lissa_options(args) -> dict:
 def precision_at_1(scores: torch.Tensor, sources: list[list[int]]) -> float:
     """Fraction of queries whose single best-ranked document is one of its sources."""
     best = scores.argmax(1).tolist()
-    return sum(b in s for b, s in zip(best, sources)) / len(sources)
+    return sum(b in s for b, s in zip(best, sources, strict=True)) / len(sources)
 
 
 def run(args) -> dict:
@@ -317,7 +319,8 @@ def run(args) -> dict:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method in ("bm25", "bm25_prompt"):  # the completion names the answer: only sources also name the person
             t = time.perf_counter()
-            texts = fc.prompts if method == "bm25_prompt" else [p + c for p, c in zip(fc.prompts, fc.completions)]
+            full = [p + c for p, c in zip(fc.prompts, fc.completions, strict=True)]
+            texts = fc.prompts if method == "bm25_prompt" else full
             scores = BM25(fc.documents).score_matrix(texts)
             timing = {"fit_s": 0.0, "score_s": time.perf_counter() - t, "total_s": time.perf_counter() - t}
             scores = torch.as_tensor(scores)
@@ -355,7 +358,8 @@ def markdown(out: dict) -> str:
             lines.append(f"| {label(m)} | | failed: {r['error']} | | | | |")
             continue
         known = r[f"recall@{k}_known"]
-        lines.append(f"| {label(m)} | {r['queries']} | {r[f'recall@{k}']:.3f} | {'n/a' if known is None else f'{known:.3f}'} | "
+        known_s = "n/a" if known is None else f"{known:.3f}"
+        lines.append(f"| {label(m)} | {r['queries']} | {r[f'recall@{k}']:.3f} | {known_s} | "
                      f"{r['precision@1']:.3f} | {r['fit_s']:.1f} | {r['score_s']:.1f} |")
     bands = next((r[f"recall@{k}_by_probability"] for r in out["methods"].values() if "error" not in r), [])
     if bands:
@@ -365,7 +369,8 @@ def markdown(out: dict) -> str:
                   f"| method | {head} |", "|---" * (len(bands) + 1) + "|"]
         for m, r in out["methods"].items():
             if "error" not in r and r["queries"] == out["n_facts"]:
-                lines.append(f"| {label(m)} | " + " | ".join(f"{b['recall']:.2f}" for b in r[f"recall@{k}_by_probability"]) + " |")
+                cells = " | ".join(f"{b['recall']:.2f}" for b in r[f"recall@{k}_by_probability"])
+                lines.append(f"| {label(m)} | {cells} |")
     for m, r in out["methods"].items():
         if f"recall@{k}_per_checkpoint" in r:
             alone = ", ".join(f"epoch {e}: {v:.3f}" for e, v in enumerate(r[f"recall@{k}_per_checkpoint"], 1))

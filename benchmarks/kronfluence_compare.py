@@ -77,7 +77,8 @@ def build(args):
     from kcircuits.models import load_model
 
     lm = load_model(args.model)
-    return lm.hf_model, lm.tokenizer, make_facts_corpus(args.n_docs, args.n_facts, seed=args.seed, tokenizer=lm.tokenizer)
+    fc = make_facts_corpus(args.n_docs, args.n_facts, seed=args.seed, tokenizer=lm.tokenizer)
+    return lm.hf_model, lm.tokenizer, fc
 
 
 class SeqDataset(torch.utils.data.Dataset):
@@ -177,8 +178,10 @@ def main(argv=None) -> None:
     width = max(train.input_ids.shape[1], queries.input_ids.shape[1])
     tracked = list(tracked_modules(model, args.include))
     # Kronfluence collates fixed-width rows; padding columns do not change a causal model's scores
-    pad = lambda s: Sequences(*(torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in
-                                (s.input_ids, s.attention_mask, s.loss_mask)), s.texts, s.prompt_lengths)
+    def pad(s: Sequences) -> Sequences:
+        return Sequences(*(torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in
+                           (s.input_ids, s.attention_mask, s.loss_mask)), s.texts, s.prompt_lengths)
+
     runs_o, runs_k = [], []
     for _ in range(args.repeats):  # alternate, keep the fastest of each: a shared machine's load varies
         ours, t = run_ours(model, queries, train, args, tracked)
@@ -189,14 +192,16 @@ def main(argv=None) -> None:
     t_kf = min(runs_k, key=lambda t: sum(t.values()))
     k = min(10, ours.shape[1])
     top_o, top_k = ours.topk(k, 1).indices, theirs.topk(k, 1).indices
-    overlap = sum(len(set(a) & set(b)) for a, b in zip(top_o.tolist(), top_k.tolist())) / (k * ours.shape[0])
-    per_query = [pearson(o, t) for o, t in zip(ours, theirs)]
+    shared = sum(len(set(a) & set(b)) for a, b in zip(top_o.tolist(), top_k.tolist(), strict=True))
+    overlap = shared / (k * ours.shape[0])
+    per_query = [pearson(o, t) for o, t in zip(ours, theirs, strict=True)]
     total_o, total_k = sum(t_ours.values()), sum(t_kf.values())
     out = {"model": args.model, "n_train": len(train), "n_queries": len(queries), "tracked_modules": len(tracked),
            "fisher": args.fisher, "damping": args.damping, "pearson": pearson(ours, theirs),
            "pearson_per_query_mean": sum(per_query) / len(per_query), "pearson_per_query_min": min(per_query),
            "top10_overlap": overlap, "kcircuits": t_ours, "kronfluence": t_kf, "kcircuits_total_s": total_o,
-           "kronfluence_total_s": total_k, "all_runs": {"kcircuits": runs_o, "kronfluence": runs_k}, "time_ratio_ours_over_kronfluence": total_o / total_k,
+           "kronfluence_total_s": total_k, "all_runs": {"kcircuits": runs_o, "kronfluence": runs_k},
+           "time_ratio_ours_over_kronfluence": total_o / total_k,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__}
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"{args.model}: {len(train)} training sequences x {len(queries)} queries, {len(tracked)} modules, "

@@ -74,7 +74,8 @@ def test_fit_then_score_writes_a_complete_run_folder(tmp_path):
 
 def test_score_rerun_reuses_results_and_refuses_other_config(tmp_path):
     lm, _, (corpus, queries) = facts_model(tmp_path=tmp_path)
-    kw = {"strategy": "identity", "out": tmp_path / "run", "max_length": 32, "power_law_bootstrap": 0, "progress": False}
+    kw = {"strategy": "identity", "out": tmp_path / "run", "max_length": 32, "power_law_bootstrap": 0,
+          "progress": False}
     first = api.score(lm, queries, corpus, **kw)
     stamp = (first.folder / "scores.safetensors").stat().st_mtime_ns
     again = api.score(lm, queries, corpus, **kw)
@@ -108,7 +109,7 @@ def test_bm25_prefilter_scores_only_candidates(tmp_path):
                      power_law_bootstrap=0, highlight=False, progress=False)
     part = api.score(lm, queries, corpus, strategy="identity", out=tmp_path / "part", max_length=32,
                      bm25_candidates=3, power_law_bootstrap=0, highlight=False, progress=False)
-    expected = BM25(fc.documents).candidates([p + c for p, c in zip(fc.prompts, fc.completions)], 3)
+    expected = BM25(fc.documents).candidates([p + c for p, c in zip(fc.prompts, fc.completions, strict=True)], 3)
     assert torch.equal(part.train_index, expected) and part.results["n_scored"] == len(expected) < 30
     assert torch.allclose(part.total, full.total[:, expected], rtol=1e-4, atol=1e-6)
     top_ids = {row["train_index"] for q in part.results["queries"] for row in q["top"]}
@@ -177,7 +178,8 @@ def test_checkpoint_scores_are_the_sum_of_each_models_scores(tmp_path, monkeypat
     calls["crash"] = False
     res = api.score(lm, queries, corpus, out=tmp_path / "sum", checkpoints=[ck], **kw)
     assert torch.allclose(res.total, alone[0] + alone[1], rtol=1e-4, atol=1e-6)
-    assert (tmp_path / "sum" / "model" / "factors").is_dir() and (tmp_path / "sum" / "checkpoint-1" / "factors").is_dir()
+    assert (tmp_path / "sum" / "model" / "factors").is_dir()
+    assert (tmp_path / "sum" / "checkpoint-1" / "factors").is_dir()
     layers = [v for k, v in res.parts.items() if k.startswith("layer.")]
     assert torch.allclose(sum(layers), res.total, rtol=1e-4, atol=1e-5)
     r = json.loads((res.folder / "influence.json").read_text())
@@ -193,7 +195,8 @@ def test_checkpoint_scores_are_the_sum_of_each_models_scores(tmp_path, monkeypat
         assert t.sum() == pytest.approx(float(res.total[qi, ci]), rel=1e-3, abs=1e-5)
 
     # the same words numbered in another order: not a checkpoint of this model
-    other = from_hf(ck.hf_model, WordTokenizer(list(reversed(fc.documents)) + fc.prompts + fc.completions), name="other")
+    reordered = WordTokenizer(list(reversed(fc.documents)) + fc.prompts + fc.completions)
+    other = from_hf(ck.hf_model, reordered, name="other")
     with pytest.raises(KcircuitsError, match="tokenises the data differently"):
         api.score(lm, queries, corpus, out=tmp_path / "bad", checkpoints=[other], **kw)
 
@@ -221,7 +224,8 @@ def test_report_section_escapes_and_highlights():
     assert "&lt;b&gt;" in html and "<b>" not in html and "rgba(37,99,235,0.75)" in html
     report = {"influence": {"strategy": "ekfac", "n_train": 1, "n_scored": 1, "n_queries": 1, "top_k": 1,
                             "queries": [{"id": "q<1>", "prompt": "A <i>", "completion": " B", "top": [
-                                {"rank": 1, "score": 0.5, "id": "d", "text": "x", "pieces": ["x"], "weights": [1.0]}]}]}}
+                                {"rank": 1, "score": 0.5, "id": "d", "text": "x", "pieces": ["x"],
+                                 "weights": [1.0]}]}]}}
     out = render_influence(report)
     assert out.startswith('<section id="influence">') and "q&lt;1&gt;" in out and "<i>" not in out
     assert render_influence({}) == ""

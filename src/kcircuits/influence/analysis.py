@@ -364,7 +364,7 @@ def recall_at_k(ranking: torch.Tensor, sources: Sequence[Sequence[int]], k: int)
         ranking = top_influential(ranking, k)[1]
     top = ranking[:, :k].tolist()
     out = []
-    for row, src in zip(top, sources):
+    for row, src in zip(top, sources, strict=True):
         src = {int(s) for s in src}
         out.append(len(src.intersection(row)) / len(src) if src else float("nan"))
     return torch.tensor(out)

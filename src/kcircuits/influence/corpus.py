@@ -49,7 +49,8 @@ def _corpus_files(path: Path) -> list[Path]:
         raise KcircuitsError(f"{path}: no such file or folder; give a .txt/.jsonl file or a folder of them")
     if path.is_file():
         if path.suffix not in CORPUS_SUFFIXES:
-            raise KcircuitsError(f"{path}: unsupported file type {path.suffix!r}; use .txt (blank-line separated) or .jsonl")
+            raise KcircuitsError(f"{path}: unsupported file type {path.suffix!r}; "
+                                 "use .txt (blank-line separated) or .jsonl")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
     if not files:

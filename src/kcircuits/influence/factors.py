@@ -6,8 +6,8 @@ block-diagonal across modules. Per module with gradient ``G_seq = Σ_t g_t ā_t�
 
 * ``kfac``: ``G ≈ A ⊗ S`` with ``A = mean_tokens ā āᵀ`` ``[d_in, d_in]`` (non-padding tokens) and
   ``S = mean_seq Σ_t g_t g_tᵀ`` ``[d_out, d_out]`` (g is exactly 0 on padding and after the last scored
-  token; prompt positions attended by scored tokens do carry gradient and are kept); eigendecompositions ``A = Q_A diag(e_A) Q_Aᵀ``,
-  ``S = Q_S diag(e_S) Q_Sᵀ`` in float64, eigenvalues ``Λ = e_S e_Aᵀ`` ``[d_out, d_in]``.
+  token; prompt positions attended by scored tokens do carry gradient and are kept); eigendecompositions
+  ``A = Q_A diag(e_A) Q_Aᵀ``, ``S = Q_S diag(e_S) Q_Sᵀ`` in float64, eigenvalues ``Λ = e_S e_Aᵀ`` ``[d_out, d_in]``.
 * ``ekfac``: same eigenbasis, eigenvalues refitted on per-sequence gradients,
   ``Λ = mean_seq (Q_Sᵀ G_seq Q_A)²`` (a second pass over the data).
 * ``diagonal``: ``mean_seq G_seq²`` (elementwise).

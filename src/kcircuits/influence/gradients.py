@@ -135,7 +135,8 @@ class Capture:
         names = list(self.outputs)
         grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], retain_graph=retain_graph,
                                     allow_unused=True)
-        return {n: (torch.zeros_like(self.outputs[n]) if g is None else g).float() for n, g in zip(names, grads)}
+        return {n: (torch.zeros_like(self.outputs[n]) if g is None else g).float()
+                for n, g in zip(names, grads, strict=True)}
 
 
 def token_grads(model: torch.nn.Module, batch: Sequences, modules: dict[str, torch.nn.Module], objective,
@@ -218,7 +219,7 @@ def gn_vector_product(model, batch: Sequences, modules: dict[str, torch.nn.Modul
         out = objective.output(model, batch)
         u = torch.zeros_like(out, requires_grad=True)
         jt_u = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
-        jv = torch.autograd.grad(sum((a * b).sum() for a, b in zip(jt_u, flat_v)), u)[0]
+        jv = torch.autograd.grad(sum((a * b).sum() for a, b in zip(jt_u, flat_v, strict=True)), u)[0]
         hjv = objective.hessian_vp(out.detach(), batch, jv.detach())
         grads = torch.autograd.grad(out, params, grad_outputs=hjv)
     result, k = {}, 0
@@ -251,7 +252,7 @@ def exact_gauss_newton(model, train: Sequences, modules: dict[str, torch.nn.Modu
                 seed[:, 0, t] = r
                 gs = torch.autograd.grad(out, outs, grad_outputs=seed, is_grads_batched=True, retain_graph=True)
                 J = torch.cat([torch.einsum("kbto,bti->koi", g.float(), cap.inputs[n]).flatten(1)
-                               for n, g in zip(names, gs)], dim=1).double()
+                               for n, g in zip(names, gs, strict=True)], dim=1).double()
                 G = J.T @ J if G is None else G + J.T @ J
         check_finite({"G": G[None]}, range(rows.start, rows.start + 1), train, "training")
     return G / len(train)

@@ -117,7 +117,8 @@ class ExactPreconditioner(Preconditioner):
 
     def __init__(self, G: torch.Tensor, shapes: dict[str, tuple[int, int]], damping: dict[str, float]):
         self.shapes, self.damping = shapes, damping
-        d = torch.cat([torch.full((o * i,), damping[n], dtype=G.dtype, device=G.device) for n, (o, i) in shapes.items()])
+        d = torch.cat([torch.full((o * i,), damping[n], dtype=G.dtype, device=G.device)
+                       for n, (o, i) in shapes.items()])
         self.chol, info = torch.linalg.cholesky_ex(G + torch.diag(d))
         if int(info) != 0:
             raise KcircuitsError("the Gauss-Newton matrix is singular at this damping; use a damping > 0")

@@ -155,7 +155,8 @@ def _matrix_selection(module: torch.nn.Module, blocks: list) -> tuple[Index, Ind
 def _join(ranges: list, size: int) -> Index:
     """Concatenate row ranges: one slice (None for everything) when adjacent, else an index tensor."""
     bounds = [slice(None).indices(size)[:2] if r is None else r.indices(size)[:2] for r in ranges]
-    if all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+    # consecutive pairs: the shifted copy is one shorter by design
+    if all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False)):
         start, stop = bounds[0][0], bounds[-1][1]
         return None if (start, stop) == (0, size) else slice(start, stop)
     return torch.cat([torch.arange(start, stop) for start, stop in bounds])

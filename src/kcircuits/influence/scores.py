@@ -207,7 +207,8 @@ def _contract(model, train: Sequences, modules, objective, V, lowrank, *, per_la
                 if n in mods:
                     rs, cs = mods[n]
                     comp_out[c][:, idx] += _pair_dot(select(V_used[n], rs, cs), select(G[n], rs, cs)).cpu()
-    out = {"total": total, "per_layer": layers, "per_token": tokens, "per_component": comp_out, "train_self": train_self}
+    out = {"total": total, "per_layer": layers, "per_token": tokens, "per_component": comp_out,
+           "train_self": train_self}
     if train_self is not None:
         _divide_columns(out, train_self.clamp_min(1e-30).sqrt())
     return out

@@ -11,7 +11,7 @@ Shapes: ``n`` sequences, ``T`` positions, right-padded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -44,7 +44,8 @@ class Sequences:
             self.prompt_lengths = [0] * n
         if (self.loss_mask.sum(1) == 0).any():
             bad = int(torch.nonzero(self.loss_mask.sum(1) == 0)[0, 0])
-            raise KcircuitsError(f"sequence {bad} has no token to score ({self.texts[bad]!r}); it needs at least two tokens")
+            raise KcircuitsError(f"sequence {bad} has no token to score ({self.texts[bad]!r}); "
+                                 "it needs at least two tokens")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -54,13 +55,13 @@ class Sequences:
         """Scored tokens per sequence ``[n]``."""
         return self.loss_mask.sum(1)
 
-    def subset(self, index: Sequence[int] | torch.Tensor) -> "Sequences":
+    def subset(self, index: Sequence[int] | torch.Tensor) -> Sequences:
         idx = torch.as_tensor(index, dtype=torch.long)
         keep = int(self.attention_mask[idx].sum(1).max())  # drop columns that are padding everywhere
         return Sequences(self.input_ids[idx, :keep], self.attention_mask[idx, :keep], self.loss_mask[idx, :keep],
                          [self.texts[i] for i in idx.tolist()], [self.prompt_lengths[i] for i in idx.tolist()])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[range, "Sequences"]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[range, Sequences]]:
         """Consecutive slices: ``(indices, sub-Sequences)``; padding trimmed per batch."""
         if batch_size < 1:
             raise KcircuitsError("batch size must be >= 1")
@@ -68,19 +69,20 @@ class Sequences:
             rows = range(start, min(start + batch_size, len(self)))
             yield rows, self.subset(list(rows))
 
-    def to(self, device: torch.device | str) -> "Sequences":
+    def to(self, device: torch.device | str) -> Sequences:
         return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
                          self.texts, self.prompt_lengths)
 
     # ------------------------------------------------------------- construction
     @classmethod
-    def from_texts(cls, tokenizer, texts: Sequence[str], max_length: int = 256, pad_id: int | None = None) -> "Sequences":
+    def from_texts(cls, tokenizer, texts: Sequence[str], max_length: int = 256,
+                   pad_id: int | None = None) -> Sequences:
         """Training documents: every token after the first is scored; longer texts are truncated."""
         return cls.from_pairs(tokenizer, ["" for _ in texts], list(texts), max_length, pad_id)
 
     @classmethod
     def from_pairs(cls, tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int = 256,
-                   pad_id: int | None = None) -> "Sequences":
+                   pad_id: int | None = None) -> Sequences:
         """Queries: ``prompt + completion``; only the completion's tokens are scored.
 
         The prompt and completion are tokenised separately and concatenated, so the scored tokens
@@ -92,9 +94,9 @@ class Sequences:
         if len(prompts) == 0:
             raise KcircuitsError("no sequences: the corpus or query set is empty")
         if pad_id is None:
-            pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+            pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         rows, starts, prompt_lengths = [], [], []
-        for p, c in zip(prompts, completions):
+        for p, c in zip(prompts, completions, strict=True):
             if not c:
                 raise KcircuitsError(f"empty completion for prompt {p!r}")
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
@@ -108,9 +110,9 @@ class Sequences:
         input_ids = torch.full((n, T), int(pad_id), dtype=torch.long)
         attention = torch.zeros(n, T, dtype=torch.long)
         loss = torch.zeros(n, T)
-        for i, (ids, s) in enumerate(zip(rows, starts)):
+        for i, (ids, s) in enumerate(zip(rows, starts, strict=True)):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[i, : len(ids)] = 1
             loss[i, s: len(ids)] = 1.0
-        texts = [p + c for p, c in zip(prompts, completions)]
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         return cls(input_ids, attention, loss, texts, prompt_lengths)
