@@ -51,8 +51,7 @@ from kcircuits.settings import (
     RunSettings,
     ScoringSettings,
     hashed_dict,
-    reject_unknown,
-    resolve,
+    resolve_all,
     settings_doc,
 )
 
@@ -78,13 +77,6 @@ class RunOutput:
         return self.folder / "report.html"
 
 
-def _settings(options: dict, given: dict, classes: Sequence[type], command: str) -> dict:
-    """One settings object per class: the object passed (``given``) updated by the flat ``options``."""
-    out = {cls: resolve(cls, given.get(cls), options) for cls in classes}
-    reject_unknown(options, command)
-    return out
-
-
 def discover(relation: str = "country_capital", model: str | LoadedModel = "smollm2-135m", *,
              out: str | Path | None = None, scoring: ScoringSettings | None = None,
              attribution: AttributionSettings | None = None, size: CircuitSize | None = None,
@@ -107,7 +99,7 @@ def discover(relation: str = "country_capital", model: str | LoadedModel = "smol
     classes = (ScoringSettings, AttributionSettings, CircuitSize, PromptSettings, EvaluationSettings, RunSettings)
     given = {ScoringSettings: scoring, AttributionSettings: attribution, CircuitSize: size, PromptSettings: prompts,
              EvaluationSettings: evaluation, RunSettings: run}
-    st = _settings(options, given, classes, "discover")
+    st = resolve_all(options, given, classes, "discover")
     sc, at, sz, pr, ev, rs = (st[c] for c in classes)
     thresholds = thresholds or RoleThresholds()
     load_dataset(relation)  # fail on a bad relation before anything is loaded or written
@@ -121,8 +113,8 @@ def discover(relation: str = "country_capital", model: str | LoadedModel = "smol
                 "prompts": hashed_dict(pr), "evaluation": hashed_dict(ev), "run": hashed_dict(rs),
                 "thresholds": asdict(thresholds)}
 
-    folder, lm = open_run("discover", [Path(relation).stem, Path(lm_name).name, at.method], reproduce, out, model, rs)
-    run_folder = folder
+    run_folder, lm = open_run("discover", [Path(relation).stem, Path(lm_name).name, at.method], reproduce, out, model,
+                              rs)
     graph = Graph.from_model(lm.weights, grouped=at.grouped)
     engine = Engine(lm.weights, graph)
 
@@ -269,7 +261,7 @@ def evaluate(circuit: str | Path | Circuit, relations: Sequence[str], model: str
     """
     classes = (ScoringSettings, PromptSettings, EvaluationSettings, RunSettings)
     given = {ScoringSettings: scoring, PromptSettings: prompts, EvaluationSettings: evaluation, RunSettings: run}
-    st = _settings(options, given, classes, "evaluate")
+    st = resolve_all(options, given, classes, "evaluate")
     sc, pr, ev, rs = (st[c] for c in classes)
     thresholds = thresholds or RoleThresholds()
     if not relations:
@@ -289,14 +281,13 @@ def evaluate(circuit: str | Path | Circuit, relations: Sequence[str], model: str
 
     run_folder, lm = open_run("evaluate", [Path(lm_name).name] + [Path(r).stem for r in relations][:3], reproduce,
                               out, model, rs)
-    run = run_folder
     g = circuit.graph
     if (g.n_layers, g.n_heads, g.n_kv_heads) != (lm.weights.n_layers, lm.weights.n_heads, lm.weights.n_kv_heads):
         raise KcircuitsError(f"this circuit was made for a {g.n_layers}-layer model with {g.n_heads} heads, "
                              f"{lm_name!r} has {lm.weights.n_layers} layers with {lm.weights.n_heads} heads; "
                              "evaluate it with the model it came from")
     engine = Engine(lm.weights, g)
-    run.write_json("circuit.json", circuit.to_json({"model": lm_name}))
+    run_folder.write_json("circuit.json", circuit.to_json({"model": lm_name}))
     per_relation, all_sets = {}, {}
 
     def evaluation_prompts(rel: str) -> PromptSplit:
@@ -307,25 +298,26 @@ def evaluate(circuit: str | Path | Circuit, relations: Sequence[str], model: str
 
     for rel in relations:
         name = Path(rel).stem
-        if run.has(f"metrics_{name}.json"):
-            per_relation[name] = run.read_json(f"metrics_{name}.json")
+        if run_folder.has(f"metrics_{name}.json"):
+            per_relation[name] = run_folder.read_json(f"metrics_{name}.json")
             continue
         ps = evaluation_prompts(rel)
         all_sets[name] = ps
         res = evaluate_circuit(engine, circuit, None, {name: ps}, lm, scoring=sc, size=CircuitSize(), evaluation=ev,
                                run=rs, progress=progress)
         per_relation[name] = res["sets"][name]
-        run.write_json(f"metrics_{name}.json", per_relation[name])
+        run_folder.write_json(f"metrics_{name}.json", per_relation[name])
     metrics = {"sets": per_relation}
-    run.write_json("metrics.json", metrics)
+    run_folder.write_json("metrics.json", metrics)
     ex = None
     if ev.explain_prompts:  # the explanation on the first relation's prompts
         first = Path(relations[0]).stem
         ps = all_sets.get(first) or evaluation_prompts(relations[0])
-        ex = explain_circuit(run, engine, lm, circuit, ps.pairs[:ev.explain_prompts], answer_range_of(ps.pairs),
+        ex = explain_circuit(run_folder, engine, lm, circuit, ps.pairs[:ev.explain_prompts], answer_range_of(ps.pairs),
                              ablation=sc.ablation, batch_size=rs.batch_size, thresholds=thresholds)
-    write_report(run.file("report.html"), _report(run.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))
-    return RunOutput(run.path, circuit, metrics, None, all_sets)
+    write_report(run_folder.file("report.html"),
+                 _report(run_folder.config, circuit, metrics, all_sets, g, None, ex, lm.tokenizer))
+    return RunOutput(run_folder.path, circuit, metrics, None, all_sets)
 
 
 evaluate.__doc__ += settings_doc(ScoringSettings, PromptSettings, EvaluationSettings, RunSettings)

@@ -258,6 +258,14 @@ def resolve(cls: type, given: Any, options: dict[str, Any]) -> Any:
     return replace(given, **mine) if mine else given
 
 
+def resolve_all(options: dict[str, Any], given: Mapping[type, Any], classes: Iterable[type], command: str) -> dict:
+    """One settings object per class in ``classes``: the object in ``given`` (or the defaults) updated by the
+    flat ``options`` naming its fields; an option no class has is an error."""
+    out = {cls: resolve(cls, given.get(cls), options) for cls in classes}
+    reject_unknown(options, command)
+    return out
+
+
 def reject_unknown(options: Mapping[str, Any], command: str) -> None:
     if options:
         raise KcircuitsError(f"{command}: unknown option(s) {', '.join(sorted(options))}")

@@ -19,8 +19,7 @@ from kcircuits.settings import (
     ScoringSettings,
     hashed_dict,
     param_name,
-    reject_unknown,
-    resolve,
+    resolve_all,
 )
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
@@ -53,9 +52,8 @@ class StudySettings:
         given = {c: options.pop(param_name(c), None) for c in STUDY_SETTINGS}
         if given[PromptSettings] is None:
             options.setdefault("max_pairs", max_pairs)
-        built = [resolve(c, given[c], options) for c in STUDY_SETTINGS]
-        reject_unknown(options, command)
-        st = cls(*built)
+        built = resolve_all(options, given, STUDY_SETTINGS, command)
+        st = cls(*(built[c] for c in STUDY_SETTINGS))
         if st.size.threshold is not None:
             raise KcircuitsError(f"{command} sizes every circuit by --edges or --percent, not by a threshold")
         if st.scoring.answer_scoring != "first_token":
