@@ -31,3 +31,9 @@ def tiny_smol_dir(tmp_path_factory, smollm2_tokenizer):
     hf.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def private_step_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty step cache of its own: no test reuses another's results by accident."""
+    monkeypatch.setenv("KCIRCUITS_STEP_CACHE", str(tmp_path_factory.mktemp("steps")))

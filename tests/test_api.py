@@ -204,7 +204,7 @@ def test_known_only_caps_after_filtering_and_counts_everything(tiny, tmp_path):
 def test_attribution_resumes_after_a_crash_mid_run(tiny, tmp_path, monkeypatch):
     import kcircuits.discover.eap as eap
 
-    opts = dict(curve=False, **{**SMALL, "n_random": 0, "batch_size": 2})
+    opts = dict(curve=False, cache=False, **{**SMALL, "n_random": 0, "batch_size": 2})  # no step cache: recompute
     reference = api.discover("country_capital", tiny, out=tmp_path / "ref", **opts).scores
     calls = crash_on_call(monkeypatch, eap, "destination_grads", at=5)  # third batch, first step (2 per batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -221,7 +221,7 @@ def test_checkpoint_from_another_batch_layout_is_not_reused(tiny, tmp_path, monk
     """batch_size is not part of the result's identity, but a checkpoint is only valid for its own batches."""
     import kcircuits.discover.eap as eap
 
-    opts = dict(curve=False, **{**SMALL, "n_random": 0})
+    opts = dict(curve=False, cache=False, **{**SMALL, "n_random": 0})
     reference = api.discover("antonym", tiny, out=tmp_path / "ref", **{**opts, "batch_size": 3}).scores
     calls = crash_on_call(monkeypatch, eap, "destination_grads", at=3)
     with pytest.raises(RuntimeError):

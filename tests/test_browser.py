@@ -217,6 +217,92 @@ def test_viewer_in_chromium(driver, tmp_path: Path) -> None:
     assert driver.execute_script("return kcViewer.state().errors") == []
 
 
+def _big_grouped_report(tmp_path: Path):
+    """A 6-layer grouped-query graph (8 heads in 2 k/v groups) and a circuit of several hundred
+    edges, with roles and lens tokens for a few heads: too many edges to draw at once."""
+    graph = Graph(6, 8, 2, True, False)
+    scores = torch.randn(graph.n_src, graph.n_dst, generator=torch.Generator().manual_seed(4)) * graph.edge_exists()
+    circuit = prune(select_topn(graph, scores, 700))
+    heads = [n for n in circuit.nodes() if n.startswith("a")]
+    details = {"example": {"prompt": "The capital of France is", "tokens": ["The", " capital", " of", " France", " is"],
+                           "answer": " Paris", "lens_of": "circuit"},
+               "nodes": {h: {"lens": {"top": [[" Paris", 0.5 - i / 100]], "answer_rank": 1, "answer_prob": 0.5},
+                             "role": {"role": "mover" if i % 2 else "relation"}} for i, h in enumerate(heads)}}
+    page = tmp_path / "big_grouped.html"
+    _report(graph, circuit, scores, details, page)
+    return graph, scores, circuit, page
+
+
+def test_opening_summary_and_readable_default(driver, tmp_path: Path) -> None:
+    """The page opens on the key components (before the viewer, in the first screen) with role and
+    lens token; the viewer opens on at most ~100 edges of a 300+ edge circuit, while the slider
+    still reaches every stored edge and the button the whole circuit; k/v links only where used;
+    layer and column labels stay in view and apart when zooming."""
+    from selenium.webdriver.common.by import By
+
+    graph, scores, circuit, page = _big_grouped_report(tmp_path)
+    assert circuit.n_edges > 300
+    _open(driver, page)
+    driver.execute_script("window.scrollTo(0, 0)")
+    key = driver.find_element(By.ID, "key-components")
+    assert driver.execute_script(
+        "var k = document.getElementById('key-components'), v = document.getElementById('viewer');"
+        "return !!(k.compareDocumentPosition(v) & Node.DOCUMENT_POSITION_FOLLOWING)"
+        " && k.getBoundingClientRect().top < window.innerHeight")
+    rows = key.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert 10 <= len(rows) <= 15
+    text = key.text
+    assert "' Paris'" in text and ("mover" in text or "relation" in text) and "total |score|" in text
+
+    # the viewer opens on a readable part: top n + prune with at most 100 edges, inside the circuit
+    state = driver.execute_script("return kcViewer.state()")
+    assert state["mode"] == "topn" and 0 < state["drawn"] <= 100 and state["n"] == state["initial"]["n"]
+    want = prune(select_topn(graph, scores, state["n"]))
+    drawn = set(driver.execute_script("return kcViewer.selectedEdges()"))
+    assert drawn == _names(graph, want.edges) and drawn < _names(graph, circuit.edges)
+    assert "strongest part" in driver.find_element(By.ID, "kcv-notes").text
+    assert f"run's circuit: {circuit.n_edges}" in driver.find_element(By.ID, "kcv-count").text
+    # ... the slider's end is every stored edge (here the whole graph) ...
+    slider_max = int(driver.find_element(By.ID, "kcv-n").get_attribute("max"))
+    assert driver.execute_script("return kcViewer.sliderN(arguments[0])", slider_max) == graph.n_edges == state["max"]
+    driver.execute_script("var s=document.getElementById('kcv-n'); s.value=s.max; s.dispatchEvent(new Event('input'))")
+    assert _wait(driver, f"return document.getElementById('kcv').getAttribute('data-n') === '{graph.n_edges}'")
+    assert driver.execute_script("return kcViewer.state().drawn") == prune(select_topn(graph, scores,
+                                                                                      graph.n_edges)).n_edges
+    # ... and the button the run's whole circuit
+    driver.find_element(By.CSS_SELECTOR, "#kcv [data-act=circuit]").click()
+    assert _wait(driver, "return kcViewer.state().mode === 'circuit'")
+    assert set(driver.execute_script("return kcViewer.selectedEdges()")) == _names(graph, circuit.edges)
+
+    # k/v links only for the groups a drawn edge enters
+    driver.execute_script("kcViewer.selectN(arguments[0])", state["n"])
+    links = driver.execute_script("return kcViewer.kvLinks()")
+    entered = {d.split("<")[0] for e in driver.execute_script("return kcViewer.selectedEdges()")
+               for d in [e.split("->")[1]] if ".kv" in d}
+    assert {kv for kv, _ in links} == entered and len(entered) < graph.n_layers * graph.n_kv_heads
+    assert all(int(h.split(".h")[1]) // 4 == int(kv.split(".kv")[1]) for kv, h in links)  # the group's own heads
+
+    # labels: layer labels never closer than a line, column labels on screen however far one zooms
+    def labels(zoom: float) -> list[dict]:
+        driver.execute_script("kcViewer.fit(); var v = kcViewer.view, c = document.getElementById('kcv-over');"
+                              "var cx = c.clientWidth / 2, cy = c.clientHeight / 2, f = arguments[0];"
+                              "v.x = cx - (cx - v.x) * f; v.y = cy - (cy - v.y) * f; v.z *= f;", zoom)
+        return driver.execute_script("return kcViewer.labels()")
+
+    height = driver.execute_script("return document.getElementById('kcv-over').clientHeight")
+    for zoom in (0.15, 1.0, 8.0):
+        got = labels(zoom)
+        ys = sorted(lb["y"] for lb in got if lb["axis"] == "layer")
+        cols = [lb for lb in got if lb["axis"] == "column"]
+        assert ys and all(b - a >= 14 for a, b in zip(ys, ys[1:], strict=False)), (zoom, ys)
+        assert cols and all(0 < lb["y"] < height for lb in cols), (zoom, cols)
+    assert len([lb for lb in labels(1.0) if lb["axis"] == "layer"]) == graph.n_layers + 2  # all fit at the start
+    driver.execute_script("kcViewer.fit()")
+    driver.save_screenshot(str(SCREENSHOT.with_name(SCREENSHOT.stem + "_default.png")))
+    assert not _console_errors(driver)
+    assert driver.execute_script("return kcViewer.state().errors") == []
+
+
 def test_viewer_edge_cases_in_chromium(driver, tmp_path: Path) -> None:
     """No node details, an empty circuit, NaN scores, no scores at all: the page still works."""
     graph = Graph(2, 4, 4, True, False)
@@ -264,6 +350,10 @@ def test_redraw_10k_edges(driver, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     _open(driver, page)
     load_s = time.perf_counter() - t0
+    # the page opens on a readable part of the circuit; the run's circuit is one click away
+    assert 0 < driver.execute_script("return kcViewer.state().drawn") <= 100
+    driver.find_element("css selector", "#kcv [data-act=circuit]").click()
+    assert _wait(driver, "return kcViewer.state().mode === 'circuit'")
     assert driver.execute_script("return kcViewer.state().drawn") == circuit.n_edges
     assert set(driver.execute_script("return kcViewer.selectedEdges()")) == _names(graph, circuit.edges)
     # the slider is logarithmic here: its end is the last stored edge, its middle about sqrt of that

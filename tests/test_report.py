@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
 import math
+import shutil
 import os
 import random
 import re
@@ -296,8 +298,9 @@ def test_report_modules_import_in_any_order() -> None:
 
 
 # --------------------------------------------------------------------------- the page's sections
-ANCHORS_IN_PAGE_ORDER = ["summary", "findings", "circuit", "viewer", "curve", "hits", "top-edges", "skipped", "lens",
-                         "roles", "composition", "matrices", "charts", "tables", "influence", "config"]
+ANCHORS_IN_PAGE_ORDER = ["summary", "key-components", "findings", "circuit", "viewer", "curve", "hits", "top-edges",
+                         "skipped", "lens", "roles", "composition", "matrices", "charts", "tables", "trace",
+                         "influence", "config"]
 
 
 def every_section_report() -> dict:
@@ -316,6 +319,9 @@ def every_section_report() -> dict:
     trace = {"median_rank": [900, 120, 30, 5, 1], "hit10": [0.0, 0.1, 0.2, 0.6, 1.0], "share_settled": 0.8}
     report.update({
         "narrative": ["The circuit recovers most of the model."],
+        "key_components": {"rows": [{"node": "a1.h2", "kind": "head", "layer": 1, "edges": 3, "total |score|": 1.5,
+                                     "role": "mover", "lens top token": "' Paris'", "lens prob": 0.4}],
+                           "n_nodes": 5, "n_edges": 20},
         "viewer": viewer_payload(graph, prune(select_topn(graph, scores, 20)), scores),
         "lens": {"layers": [0, 1, 2, 3, 4], "n_prompts": 3, "clean": trace, "circuit": trace,
                  "chance": {"hit10": [0.0, 0.0, 0.0, 0.02, 0.02]}},
@@ -327,6 +333,9 @@ def every_section_report() -> dict:
         "matrices": [{"title": "overlap", "rows": ["a", "b"], "cols": ["a", "b"], "values": [[1.0, 0.2], [0.2, 1.0]]}],
         "charts": [{"title": "accuracy", "x": [1, 2, 4], "series": {"acc": [0.2, 0.5, 0.7]}, "caption": "acc by k"}],
         "tables": [{"title": "by k", "rows": [{"k": 1, "edges": 10}]}],
+        "trace": {"kinds": ["mlp"], "groups": ["first subject token", "last subject token"], "window": 1,
+                  "noise": 3.0, "samples": 2, "critical_layer": 1, "mean_effect": {"mlp": [[0.1, 0.0], [0.0, 0.4]]},
+                  "prompts": []},
         "influence": {"strategy": "ekfac", "n_train": 1, "n_scored": 1, "n_queries": 1, "top_k": 1,
                       "queries": [{"id": "q", "prompt": "A", "completion": " B", "top": [
                           {"rank": 1, "score": 0.5, "id": "d", "text": "x"}]}]},
@@ -349,10 +358,10 @@ def test_sections_appear_in_page_order() -> None:
 
 def test_page_lists_every_defined_section_once() -> None:
     """A section a module defines but the page registry leaves out would never be shown."""
-    from kcircuits.report import core_sections, explain_sections, influence_section
+    from kcircuits.report import core_sections, explain_sections, heatmap, influence_section
     from kcircuits.report.html import PAGE
 
-    defined = [*core_sections.SECTIONS, *explain_sections.SECTIONS, *influence_section.SECTIONS]
+    defined = [*core_sections.SECTIONS, *explain_sections.SECTIONS, *heatmap.SECTIONS, *influence_section.SECTIONS]
     assert sorted(s.anchor for s in PAGE) == sorted(s.anchor for s in defined)
     assert len({s.anchor for s in PAGE}) == len(PAGE) and all(s in PAGE for s in defined)
 
@@ -466,9 +475,206 @@ def test_table_columns_share_decimals() -> None:
     assert by_col[4] == ["1.500e-06", "-2.000e-07", "0.000e+00"]
 
 
+def test_kv_table_floats_share_decimals() -> None:
+    """The summary's floats line up: a baseline rounded to 0 reads 0.0000 next to 0.8548, not "0"."""
+    from kcircuits.report.base import kv_table
+
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", kv_table({"faithfulness": 0.8548, "random": 0.0, "other": 1e-4,
+                                                           "edges": 654, "model": "m", "delta": -0.0}))
+    assert cells == ["0.8548", "0.0000", "0.0001", "654", "m", "0.0000"]
+
+
 def test_fmt_number_drops_only_negative_zero() -> None:
     from kcircuits.report.base import fmt_number
 
     assert fmt_number(-0.0) == "0" and fmt_number(-1e-4, ".3f") == "0.000" and fmt_number(-0.0, ".2e") == "0.00e+00"
     assert fmt_number(-0.5, ".3f") == "-0.500" and fmt_number(-1e-7, ".2e") == "-1.00e-07"
     assert fmt_number(-0.0004, ".1%") == "0.0%" and fmt_number(-0.04, ".1%") == "-4.0%"
+
+
+def test_fmt_fixed_and_token_label_and_sample_warning() -> None:
+    """Running-text numbers have the fixed decimals of their kind and no negative zero; tokens are
+    quoted with their leading space and visible newlines; a small sample is named, a big one not."""
+    from kcircuits.report.base import SMALL_SAMPLE, fmt_fixed, sample_note_html, sample_warning, token_label
+
+    assert fmt_fixed(0.1, "prob") == "0.100" and fmt_fixed(-0.0004, "prob") == "0.000"
+    assert fmt_fixed(3.14159, "z") == "3.1" and fmt_fixed(-0.04, "z") == "0.0" and fmt_fixed(-0.06, "z") == "-0.1"
+    assert fmt_fixed(2.5, 0) == "2" and fmt_fixed(None) == fmt_fixed(float("nan")) == fmt_fixed("x") == "n/a"
+    assert token_label(" Lisbon") == "' Lisbon'" and token_label("Lisbon") == "'Lisbon'"
+    assert token_label("\n") == "'\\n'" and token_label("a\tb") == "'a\\tb'"
+    assert SMALL_SAMPLE == 5
+    assert sample_warning(4).startswith("small sample: 4 prompts") and sample_warning(1).startswith("small sample: 1 ")
+    assert sample_warning(5) == sample_warning(None) == sample_note_html(12) == ""
+    assert 'class="note small-sample"' in sample_note_html(2)
+
+
+def test_viewer_token_rule_matches_token_label() -> None:
+    """viewer.js shows tokens by the same rule as token_label (quotes, leading space, visible \\n and \\t)."""
+    from kcircuits.report.base import token_label
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = (REPORT_DIR / "viewer.js").read_text(encoding="utf-8")
+    rule = re.search(r"function showTok\(t\) \{.*?\}\n", js)[0]
+    tokens = [" Lisbon", "Lisbon", "a\nb", "\tx\r", "'"]
+    out = subprocess.run([node, "-e", rule + f"console.log(JSON.stringify({json.dumps(tokens)}.map(showTok)))"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == [token_label(t) for t in tokens]
+
+
+def _grouped_circuit():
+    """3 layers, 6 heads in 2 k/v groups; hand-picked edges and scores."""
+    import torch
+
+    from kcircuits.graph import Graph, circuit_from_edges
+
+    graph = Graph(3, 6, 2, True, False)
+    edges = {"input->a0.h1<q>": 0.5, "input->a0.kv0<k>": -1.0, "a0.h1->m0": 2.0, "m0->a1.kv1<v>": 0.25,
+             "a1.h4->logits": 3.0, "a0.h1->logits": -0.75, "m0->logits": float("nan")}
+    scores = torch.zeros(graph.n_src, graph.n_dst)
+    for name, v in edges.items():
+        src, _, dst = name.partition("->")
+        scores[graph.src_index(src), graph.dst_index(dst)] = v
+    return graph, circuit_from_edges(graph, edges, scores), scores
+
+
+def test_key_components_rank_nodes_by_total_score() -> None:
+    """Totals sum |score| over a node's edges in and out; a k/v group's edge counts for each head of
+    the group; logits are not a component; NaN adds to the edge count only. Role and lens come from
+    the node details, tokens as token labels; the section comes right after the summary."""
+    from kcircuits.report.data import build_report, key_components
+
+    graph, circuit, scores = _grouped_circuit()
+    details = {"example": {"prompt": "The capital of Portugal is", "answer": " Lisbon", "lens_of": "circuit"},
+               "nodes": {"a0.h1": {"lens": {"top": [[" Lisbon", 0.4213], ["\n", 0.1]], "answer_rank": 1},
+                                   "role": {"role": "mover", "subject_mass": 0.7}},
+                         "m0": {"lens": {"top": [[" Madrid", 0.05]], "answer_rank": 7}}}}
+    key = key_components(circuit, details)
+    totals = {r["node"]: (r["total |score|"], r["edges"]) for r in key["rows"]}
+    # a0.h1: q 0.5 + out 2.0 + 0.75 + k/v group 0 (heads 0-2) 1.0; m0: 2.0 + 0.25 + NaN;
+    # a1.h4: 3.0 + its group's v 0.25 (heads 3-5 read kv1); input: 0.5 + 1.0
+    assert totals["a0.h1"] == (4.25, 4) and totals["a1.h4"] == (3.25, 2) and totals["m0"] == (2.25, 3)
+    assert totals["input"] == (1.5, 2) and totals["a0.h0"] == totals["a0.h2"] == (1.0, 1)
+    assert totals["a1.h3"] == totals["a1.h5"] == (0.25, 1) and "logits" not in totals
+    assert [r["node"] for r in key["rows"][:4]] == ["a0.h1", "a1.h4", "m0", "input"]
+    first = key["rows"][0]
+    assert (first["kind"], first["layer"], first["role"]) == ("head", 0, "mover")
+    assert first["lens top token"] == "' Lisbon'" and first["lens prob"] == 0.4213 and first["answer rank (lens)"] == 1
+    m0 = next(r for r in key["rows"] if r["node"] == "m0")
+    assert m0["kind"] == "MLP" and m0["role"] is None and m0["lens top token"] == "' Madrid'"
+    assert list(key["rows"][0]).index("role") == list(m0).index("role") == 5  # one column, next to the score
+    assert key["answer"] == "' Lisbon'" and key["n_nodes"] == len(totals) and key["n_edges"] == circuit.n_edges
+    assert len(key_components(circuit, details, top=3)["rows"]) == 3
+    # in the page: right after the summary, before the circuit drawing and the viewer
+    config = {"reproduce": {"command": "discover", "model": "tiny", "relation": "r"}}
+    page = render_report(build_report(config, circuit, {}, {}, graph, scores=scores, node_details=details))
+    sections = re.findall(r'<section id="([^"]+)"', page)
+    assert sections[:2] == ["summary", "key-components"] and sections.index("viewer") > 1
+    key_html = re.search(r'<section id="key-components">(.*?)</section>', page, flags=re.DOTALL)[1]
+    assert '<td class="tok">&#x27; Lisbon&#x27;</td>' in key_html and "mover" in key_html
+    assert ">0.421<" in key_html and "0.4213" not in key_html  # a probability: three decimals
+    assert "The capital of Portugal is" in key_html
+    # no scores at all: ranked by edge count, still listed
+    circuit.scores = None
+    assert key_components(circuit)["rows"][0]["node"] == "a0.h1"
+
+
+def test_lens_and_roles_say_how_many_prompts() -> None:
+    """The lens and head-role sections name the prompts they were measured on, next to the Hits
+    table's count, and warn when that is a small sample."""
+    report = every_section_report()
+    report["lens"]["n_prompts"] = 16
+    report["roles"]["n_prompts"] = 16
+    report["hits_table"][0]["n_prompts"] = 64
+    page = render_report(report)
+    for anchor in ("lens", "roles"):
+        section = re.search(rf'<section id="{anchor}">(.*?)</section>', page, flags=re.DOTALL)[1]
+        assert "Measured on the first 16 test prompts" in section and "uses all 64 test prompts" in section
+        assert "small sample" not in section
+    report["lens"]["n_prompts"] = 3
+    section = re.search(r'<section id="lens">(.*?)</section>', render_report(report), flags=re.DOTALL)[1]
+    assert "first 3 test prompts" in section and "small sample: 3 prompts" in section
+
+
+def test_findings_charts_tables_carry_small_sample_warnings() -> None:
+    """A finding, chart, table or matrix that rests on fewer than 5 prompts says so; the others do not."""
+    report = every_section_report()
+    report["narrative"] = ["plain text", {"text": "on many", "n_prompts": 40}, {"text": "on few", "n_prompts": 2}]
+    report["charts"][0]["n_prompts"] = 4
+    report["tables"][0]["n_prompts"] = 30
+    report["matrices"][0]["n_prompts"] = 1
+    page = render_report(report)
+
+    def section(anchor: str) -> str:
+        return re.search(rf'<section id="{anchor}">(.*?)</section>', page, flags=re.DOTALL)[1]
+
+    paras = re.findall(r"<p>(.*?)</p>", section("findings"))
+    assert ["small sample" in p for p in paras] == [False, False, True] and "small sample: 2 prompts" in paras[2]
+    assert "small sample: 4 prompts" in section("charts") and "small sample" not in section("tables")
+    assert "small sample: 1 prompt," in section("matrices")
+
+
+def test_bar_chart_draws_counts_as_bars() -> None:
+    """Bars start at 0 with heights proportional to the values; category labels are printed; integer
+    counts get whole-number ticks only; several series sit side by side with a legend."""
+    from kcircuits.report.charts import bar_svg
+
+    svg = bar_svg({"title": "lost", "x": [1, 2, 3, "never"], "series": {"n": [2, 0, 4, 1]}, "x_label": "layer",
+                   "y_label": "prompts"})
+    root = ET.fromstring(svg)
+    bars = [r for r in root.iter(f"{{{SVG_NS}}}rect") if r.get("class") == "bar"]
+    heights = [float(b.get("height")) for b in bars]
+    bottoms = {round(float(b.get("y")) + float(b.get("height")), 1) for b in bars}
+    assert len(bars) == 4 and len(bottoms) == 1  # one baseline: 0
+    assert heights[1] == 0 and heights[2] == pytest.approx(2 * heights[0], abs=0.2) == pytest.approx(4 * heights[3],
+                                                                                                     abs=0.2)
+    texts = _texts(svg)
+    assert {"1", "2", "3", "never", "layer", "prompts"} <= set(texts)
+    assert all(float(t).is_integer() for t in texts if re.fullmatch(r"-?[\d.]+", t))  # no 0.5-prompt ticks
+    two = bar_svg({"x": ["a", "b"], "series": {"s1": [1, 2], "s2": {"y": [3, None], "colour": "#111111"}}})
+    root = ET.fromstring(two)
+    assert len([r for r in root.iter(f"{{{SVG_NS}}}rect") if r.get("class") == "bar"]) == 3  # None draws no bar
+    assert {"s1", "s2"} <= set(_texts(two))
+    assert "no data" in bar_svg({"x": [], "series": {}})
+
+
+def test_explanation_feeds_the_report_as_plain_json(tiny_smol_dir) -> None:
+    """What the report takes from an explanation (node details, report view) is plain JSON: a report
+    rebuilt from their cached JSON is the same page. The example answer is the answer's first token
+    as decoded, leading space kept; lens and roles carry their prompt count."""
+    import torch
+
+    from kcircuits.analyze.explain import explain
+    from kcircuits.engine import Engine
+    from kcircuits.graph import prune, select_topn
+    from kcircuits.models import load_model
+    from kcircuits.pipeline import prepare_prompts
+    from kcircuits.report.data import build_report
+
+    lm = load_model(tiny_smol_dir)
+    engine = Engine(lm.weights)
+    pairs = prepare_prompts(lm, engine, "country_capital", max_pairs=5)["all"].pairs
+    graph = engine.graph
+    scores = torch.randn(graph.n_src, graph.n_dst, generator=torch.Generator().manual_seed(0)) * graph.edge_exists()
+    circuit = prune(select_topn(graph, scores, 40))
+    ex = explain(engine, lm.tokenizer, pairs, lm.pad_token_id, circuit=circuit, batch_size=4)
+    details, view = ex.node_details(lm.tokenizer), ex.report_view(circuit)
+    cached_details, cached_view = json.loads(json.dumps(details)), json.loads(json.dumps(view))  # no default=: plain
+    assert details["example"]["answer"] == lm.tokenizer.decode([pairs[0].answer_ids[0]])
+    assert details["example"]["answer"].startswith(" ") and details["example"]["answer_text"] == pairs[0].object
+    assert view["lens"]["n_prompts"] == view["roles"]["n_prompts"] == details["n_prompts"] == len(pairs)
+    config = {"reproduce": {"command": "discover", "model": "tiny", "relation": "country_capital"}}
+
+    def page(d: dict, v: dict) -> str:
+        report = build_report(config, circuit, {}, {}, graph, scores=scores, node_details=d)
+        report.update(v)
+        return render_report(report)
+
+    fresh = page(details, view)
+    assert fresh == page(cached_details, cached_view)
+    assert "Measured on the first 5 test prompts" in fresh and 'id="key-components"' in fresh
+    key = build_report(config, circuit, {}, {}, graph, scores=scores, node_details=details)["key_components"]
+    heads = [r for r in key["rows"] if r["kind"] == "head"]
+    assert heads and all(r["role"] == details["nodes"][r["node"]]["role"]["role"] for r in heads)
+    assert all(r["lens top token"].startswith("'") for r in key["rows"] if "lens top token" in r)

@@ -1,6 +1,7 @@
 """Compare, hallucination and ICL studies end to end on a tiny model (real tokenizer, bundled relations)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.graph import Circuit, circuit_from_edges
 from kcircuits.models import load_model
-from kcircuits.studies.hallucination import lost_layers
+from kcircuits.report import render_report
+from kcircuits.report.base import escape, token_label
+from kcircuits.studies.hallucination import lost_layers, study_report
 from kcircuits.studies.icl import (
     _accuracy_with_heads_ablated,
     _span_mask,
@@ -84,6 +87,64 @@ def test_hallucination_groups_and_report(tiny, tmp_path, monkeypatch):
         assert m["wrong_token_z"] == pytest.approx(row["answer_z"]) and row["subject_mass"] >= 0.3
     html = (folder / "report.html").read_text()
     assert "Findings" in html and "rank by layer" in html
+    # 4 prompts per group: the findings resting on them say the sample is small
+    assert "small sample: 4 prompts" in html
+    # the lost-at-layer histogram is bars, one per layer and one for "never"
+    lost_chart = re.search(r'<svg[^>]*class="kc-line kc-bar"[^>]*aria-label="where the correct answer is lost"'
+                           r".*?</svg>", html, flags=re.DOTALL)
+    assert lost_chart and lost_chart[0].count('<rect class="bar"') == n_layers + 1
+    # tokens keep their leading space, in quotes
+    assert all(p["predicted_token"] == tiny.tokenizer.decode([42]) for p in res["wrong_prompts"])
+    assert escape(token_label(tiny.tokenizer.decode([42]))) in html
+
+
+def _synthetic_hallucination(n_right: int, n_wrong: int, lost: list[int], settle: list[int]) -> dict:
+    """A hallucination result as the study writes it, for a 4-layer model."""
+    trace = {"median_rank": [100, 40, 9, 3, 1]}
+    return {"relation": "country_capital", "n_prompts": n_right + n_wrong + 3, "n_right": n_right + 1,
+            "n_wrong": n_wrong + 2, "n_used": {"right": n_right, "wrong": n_wrong}, "n_edges": 50,
+            "overlap": {"node_jaccard": 0.5, "edge_jaccard": 0.25, "shared_nodes": 3, "shared_edges": 4},
+            "faithfulness": {"right": {"right": 0.9, "wrong": 0.5}, "wrong": {"right": -0.0, "wrong": 0.8}},
+            "trace": {"right": trace, "wrong": trace, "wrong_prediction_on_wrong_prompts": trace},
+            "lost_at_layer": lost, "wrong_answer_settles_at": settle,
+            "wrong_prompts": [{"prompt": "The capital of Portugal is", "answer": "Lisbon", "predicted": "Madrid",
+                               "rank": 2, "lost_at_layer": lo, "answer_token": " Lisbon", "predicted_token": " Madrid"}
+                              for lo in lost],
+            "wrong_attribute_movers": [{"head": "a2.h1", "role_for_wrong_token": "mover", "subject_mass": 0.6,
+                                        "wrong_token_z": 3.14, "wrong_token_direct_effect": -0.0001,
+                                        "correct_token_z": -0.0, "in_wrong_circuit": True}]}
+
+
+def _findings(page: str) -> list[str]:
+    section = re.search(r'<section id="findings">(.*?)</section>', page, flags=re.DOTALL)[1]
+    return re.findall(r"<p>(.*?)</p>", section, flags=re.DOTALL)
+
+
+def test_hallucination_report_bars_and_small_samples():
+    """Counts per layer are drawn as bars with the counts as heights; only the findings that rest on
+    fewer than 5 prompts carry the small-sample warning; tokens keep their space; no negative zero."""
+    lost = [2, 2, 3, -1, -1, -1, -1, -1]  # the answer is lost on 3 of 8 wrong prompts
+    page = render_report(study_report(_synthetic_hallucination(8, 8, lost, [3] * 8), "tiny"))
+    findings = _findings(page)
+    warned = [f for f in findings if "small sample" in f]
+    assert len(findings) == 5 and len(warned) == 1
+    assert "lost at layer 2" in warned[0] and "small sample: 3 prompts" in warned[0]
+    chart = re.search(r'<svg[^>]*class="kc-line kc-bar"[^>]*>.*?</svg>', page, flags=re.DOTALL)[0]
+    tips = re.findall(r'<rect class="bar"[^>]*height="([\d.]+)"[^>]*><title>([^<]*)</title>', chart)
+    assert [t for _, t in tips] == [f"wrong prompts: {x} \u2192 {n}"
+                                    for x, n in ((1, 0), (2, 2), (3, 1), (4, 0), ("never", 5))]
+    heights = [float(h) for h, _ in tips]
+    assert heights[0] == heights[3] == 0 and heights[4] > heights[1] > heights[2] > 0
+    assert heights[1] == pytest.approx(2 * heights[2], abs=0.2) and heights[4] == pytest.approx(5 * heights[2], abs=0.2)
+    assert '<path d="M' not in chart  # no line series
+    assert escape("' Lisbon'") in page and escape("' Madrid'") in page and escape("'Lisbon'") not in page
+    visible = re.sub(r"<(script|style)\b.*?</\1>", "", page, flags=re.DOTALL)
+    assert not re.findall(r"(?<![\w.])-0(?:\.0+)?(?![\d.])", visible)
+    # every group small: every finding is flagged, and so are the charts and tables resting on them
+    page = render_report(study_report(_synthetic_hallucination(4, 3, [1, -1, 2], [2, 2, 2]), "tiny"))
+    assert all("small sample" in f for f in _findings(page))
+    charts = re.search(r'<section id="charts">(.*?)</section>', page, flags=re.DOTALL)[1]
+    assert charts.count("small sample: 3 prompts") == 2
 
 
 def test_hallucination_needs_both_groups(tiny, tmp_path):

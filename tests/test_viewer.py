@@ -116,6 +116,7 @@ def test_cap_keeps_strongest_prefix_and_the_circuit() -> None:
     assert graph.n_edges == 70651
     assert p["edges"]["capped"] and p["edges"]["n_ordered"] == 50000 and p["edges"]["n_total"] == 70651
     assert any("50,000" in note and "70,651" in note for note in p["notes"])
+    assert not any("max_edges" in note for note in p["notes"])  # no setting a reader cannot reach
     full = viewer_payload(graph, circuit, scores, max_edges=10**6)
     cap = int(decode(full["circuit"]["ranks"]).max()) // 2
     p = viewer_payload(graph, circuit, scores, max_edges=cap)  # the circuit reaches past the cap
@@ -125,6 +126,44 @@ def test_cap_keeps_strongest_prefix_and_the_circuit() -> None:
     assert {(int(src[r]), int(dst[r])) for r in ranks} == set(map(tuple, torch.nonzero(circuit.edges).tolist()))
     assert p["circuit"]["n_init"] is None  # not reproducible within the stored prefix
     assert torch.equal(prefix_circuit(graph, p, cap), prune(select_topn(graph, scores, cap)).edges)
+
+
+@pytest.mark.parametrize("selection", ["topn", "greedy"])
+def test_big_circuit_opens_on_a_readable_part(selection) -> None:
+    """A circuit of hundreds of edges opens on top-n + prune with the largest n that keeps at most
+    open_edges edges (one more would exceed it); for a top-n circuit that part is inside the circuit.
+    The slider (n_ordered) still reaches every stored edge, and a note says how to see the whole."""
+    graph = Graph(12, 12, 12, True, False)
+    scores = random_scores(graph, 2)
+    select = select_topn if selection == "topn" else select_greedy
+    circuit = prune(select(graph, scores, 1500))
+    assert circuit.n_edges > 300
+    p = viewer_payload(graph, circuit, scores)
+    init = p["initial"]
+    assert init["mode"] == "topn" and init["limit"] == 100
+    shown = prefix_circuit(graph, p, init["n"])
+    assert 0 < int(shown.sum()) == init["n_edges"] <= 100 < int(prefix_circuit(graph, p, init["n"] + 1).sum())
+    if selection == "topn":
+        assert init["n"] < p["circuit"]["n_init"] and not (shown & ~circuit.edges).any()
+    assert p["edges"]["n_ordered"] == graph.n_edges
+    assert any("strongest part" in n and f"{circuit.n_edges:,}" in n for n in p["notes"])
+    small = viewer_payload(graph, circuit, scores, open_edges=10_000)
+    assert small["initial"]["mode"] == "circuit" and small["initial"]["n_edges"] == circuit.n_edges
+    assert not any("strongest part" in n for n in small["notes"])
+    assert viewer_payload(graph, circuit, scores, open_edges=40)["initial"]["n_edges"] <= 40
+
+
+def test_readable_n_never_opens_empty() -> None:
+    """When the first path to the logits alone has more edges than the limit, the view opens on it
+    rather than on nothing."""
+    from kcircuits.report.viewer import edge_order, readable_n
+
+    graph = Graph(3, 4, 4, True, False)
+    scores = random_scores(graph, 1)
+    src, dst = edge_order(graph, scores)
+    n, kept = readable_n(graph, src, dst, graph.n_edges, scores, limit=0)
+    assert kept > 0 and prune(select_topn(graph, scores, n - 1)).n_edges == 0
+    assert prune(select_topn(graph, scores, n)).n_edges == kept
 
 
 def test_gpt2_sized_payload_is_compact() -> None:

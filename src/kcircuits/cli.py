@@ -1,5 +1,5 @@
 """The ``kcircuits`` command. Each subcommand is a thin wrapper over the Python API (:mod:`kcircuits.api`,
-:mod:`kcircuits.studies`, :mod:`kcircuits.influence.api`).
+:mod:`kcircuits.studies`, :mod:`kcircuits.influence.api`, :mod:`kcircuits.edit.api`).
 
 Bad input prints one line ``kcircuits: error: ...`` on stderr and exits with code 2.
 """
@@ -7,6 +7,7 @@ Bad input prints one line ``kcircuits: error: ...`` on stderr and exits with cod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kcircuits.errors import KcircuitsError
@@ -41,14 +42,14 @@ def _settings_from(args, names: tuple[str, ...]) -> dict:
 
 def _thresholds_args(p: argparse.ArgumentParser) -> None:
     """Head-role thresholds (docs/analysis.md has the criteria), generated from :class:`RoleThresholds`."""
-    from kcircuits.analyze.head_roles import RoleThresholds
+    from kcircuits.settings import RoleThresholds
     from kcircuits.settings import add_arguments
 
     add_arguments(p, RoleThresholds, group=p.add_argument_group("head-role thresholds"))
 
 
 def _thresholds(args):
-    from kcircuits.analyze.head_roles import RoleThresholds
+    from kcircuits.settings import RoleThresholds
     from kcircuits.settings import from_args
 
     return from_args(RoleThresholds, args)
@@ -77,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("relation", help="a bundled relation name (see `kcircuits datasets`) or a .json/.csv file")
     _settings_args(d, DISCOVER_SETTINGS)
     _thresholds_args(d)
+
+    sl = sub.add_parser("select", help="a circuit of another size from a discover run's stored scores (evaluated "
+                                       "and explained in its own folder; nothing recomputed but the new circuit's "
+                                       "evaluation)")
+    sl.add_argument("run", help="a discover run folder")
+    sl.add_argument("--model", help="the model to load (default: the run's; its weights must be the run's)")
+    sl.add_argument("--out", help="run folder (default: the folder discover would use at this size)")
+    sl.add_argument("--quiet", action="store_true", help="no progress bars")
+    from kcircuits import settings
+
+    settings.add_arguments(sl, settings.CircuitSize, group=sl.add_argument_group("the new size"),
+                           defaults={"selection": None, "absolute": None})
 
     e = sub.add_parser("evaluate", help="evaluate an existing circuit on one or more relations")
     e.add_argument("circuit", help="a circuit.json or a discover run folder")
@@ -111,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_influence(sub)
 
+    from kcircuits.edit.cli import add_parser as add_trace
+
+    add_trace(sub)
+
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
 
@@ -128,6 +145,14 @@ def _discover(args) -> None:
     _print_result(res)
 
 
+def _select(args) -> None:
+    from kcircuits.api import select
+
+    size = {k: getattr(args, k) for k in ("n_edges", "percent", "threshold", "selection", "absolute")
+            if getattr(args, k) is not None}
+    _print_result(select(args.run, model=args.model, out=args.out, progress=not args.quiet, **size))
+
+
 def _evaluate(args) -> None:
     from kcircuits.api import evaluate
 
@@ -142,10 +167,12 @@ def _compare(args) -> None:
     res = compare(args.relations, **_study_kwargs(args))
     names = res["relations"]
     width = max(len(n) for n in names) + 2
-    print(f"faithfulness of the row's circuit ({res['n_edges']} edges) on the column's prompts:")
-    print(" " * width + "".join(f"{n[:10]:>11}" for n in names))
+    col = max(max(len(n) for n in names), 6) + 2  # whole relation names: no header cut short
+    kept = ", ".join(f"{n} {k}" for n, k in res["n_edges_kept"].items())
+    print(f"faithfulness of the row's circuit (edges after pruning: {kept}) on the column's prompts:")
+    print(" " * width + "".join(f"{n:>{col}}" for n in names))
     for name, row in zip(names, res["faithfulness"], strict=True):
-        print(f"{name:<{width}}" + "".join(f"{v:>11.3f}" for v in row))
+        print(f"{name:<{width}}" + "".join(f"{v:>{col}.3f}" for v in row))
     print(f"report: {res['folder']}/report.html")
 
 
@@ -167,6 +194,12 @@ def _study(args) -> None:
 
 def _influence(args) -> None:
     from kcircuits.influence.cli import run
+
+    run(args)
+
+
+def _trace(args) -> None:
+    from kcircuits.edit.cli import run
 
     run(args)
 
@@ -230,14 +263,25 @@ def _models(args) -> None:
     print("also accepted: a local folder saved with save_pretrained(), or a hub id when the hub is reachable")
 
 
+#: OpenMP threads spin this many iterations before sleeping while they wait (libgomp's default is
+#: 300,000). On a busy 2-core machine long spins burn the CPU the other thread needs: the demo took
+#: 2-3x longer at a load of 2 (docs/benchmarks.md); idle it costs about 10%. A value the user set wins.
+GOMP_SPINCOUNT = "3000"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads libgomp, after this
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"discover": _discover, "evaluate": _evaluate, "compare": _compare, "study": _study,
-                "influence": _influence, "datasets": _datasets, "models": _models}
+    runs = sys.modules.get("kcircuits.runs")
+    made_before = len(runs.CREATED) if runs is not None else 0
+    handlers = {"discover": _discover, "select": _select, "evaluate": _evaluate, "compare": _compare, "study": _study,
+                "influence": _influence, "trace": _trace, "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)
     except KcircuitsError as exc:
+        if "kcircuits.runs" in sys.modules:  # a folder this command made before the error, with no result, goes
+            sys.modules["kcircuits.runs"].discard_empty_created(since=made_before)
         print(f"kcircuits: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

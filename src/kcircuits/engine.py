@@ -62,7 +62,12 @@ class RunResult:
 
 
 class Engine:
-    """Runs a model (its :class:`ModelWeights`) over a :class:`Graph`'s sources and destinations."""
+    """Runs a model (its :class:`ModelWeights`) over a :class:`Graph`'s sources and destinations.
+
+    Args:
+        weights: the model's weights in the uniform layout (``LoadedModel.weights``).
+        graph: the computation graph (default: :meth:`Graph.from_model` of ``weights``, k/v grouped).
+    """
 
     def __init__(self, weights: ModelWeights, graph: Graph | None = None):
         self.w = weights
@@ -75,7 +80,8 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Output of the ``input`` source: token (+ learned position) embeddings, ``[b, p, d]``."""
+        """Output of the ``input`` source: token (+ learned position) embeddings, ``[b, p, d]``, of token
+        ids ``ids [b, p]``."""
         x = F.embedding(ids, self.w.W_E)
         if self.w.W_pos is not None:
             x = x + self.w.W_pos[: ids.shape[1]]
@@ -169,8 +175,8 @@ class Engine:
         return self.w.rotary.apply(q, cos, sin), self.w.rotary.apply(k, cos, sin)
 
     def attention_pattern(self, layer: int, capture: LayerCapture) -> torch.Tensor:
-        """Attention probabilities of one layer, recomputed from a captured run: ``[b, H, p, p]``
-        (query position, key position), causal.
+        """Attention probabilities of layer ``layer``, recomputed from a captured run (``capture``, that
+        layer's :class:`LayerCapture`): ``[b, H, p, p]`` (query position, key position), causal.
 
         The forward pass uses fused SDPA, which returns no weights; analyses that need them (head
         roles, the viewer's attention bars) recompute them here from the captured q and k, with the

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kcircuits.ablation import ablated_acts, check_ablation
+from kcircuits.api_module import make_callable
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
@@ -45,6 +46,30 @@ class _Cached:
 
 
 class Evaluator:
+    """Evaluates circuits on one prompt set: metric, faithfulness, Hit@k, random baselines and the curve.
+
+    Construction runs the full model and the empty circuit (every edge patched) once per batch and
+    caches them; each :meth:`evaluate` is then one patched forward pass per batch.
+
+    Args:
+        engine: the :class:`~kcircuits.engine.Engine` of the model, over the circuits' graph.
+        batches: the prompt pairs as :class:`~kcircuits.batching.Batch` es (at least one), on the
+            engine's device (see :func:`kcircuits.pipeline.model_batches`).
+        metric: ``"logit_diff"``, ``"logprob"``, ``"prob"`` (:mod:`kcircuits.metrics`), or a function
+            ``metric(logits, batch) -> [b]``.
+        ablation: what edges outside the circuit carry: ``"corrupt"`` (the corrupted run), ``"zero"``
+            or ``"mean"`` (then ``mean`` is required).
+        mean: dataset-mean source outputs ``[n_src, 1, 1, d]`` for ``ablation="mean"``
+            (:func:`kcircuits.ablation.mean_activations`).
+        progress: show progress bars.
+        max_cache_gb: bound on the cached corrupted activations (see ``__init__``).
+
+    Attributes (per prompt, ``[n]``, on the CPU): ``m_full`` and ``m_empty`` the metric of the full
+    model and of the empty circuit; ``rank_full`` and ``rank_empty`` the answer's rank in each (the
+    empty circuit's is the chance level); ``stable`` the prompts whose full-vs-empty gap is at least
+    ``min_gap`` (faithfulness is averaged over them).
+    """
+
     def __init__(self, engine: Engine, batches: Sequence[Batch], *, metric: str | Metric = "logit_diff",
                  ablation: str = "corrupt", mean: torch.Tensor | None = None, progress: bool = True,
                  max_cache_gb: float = 4.0):
@@ -58,18 +83,20 @@ class Evaluator:
         self.ablation = check_ablation(ablation)
         self.progress = progress
         self.cache: list[_Cached] = []
+        self.edge_exists = self.graph.edge_exists()  # [n_src, n_dst] bool: the graph's edges
         self.mean = mean
         n_tokens = sum(b.clean.numel() for b in batches)
         cache_bytes = self.graph.n_src * n_tokens * engine.w.d_model * engine.w.W_E.element_size()
         self.cache_ablated = ablation != "corrupt" or cache_bytes <= max_cache_gb * 2**30
         with torch.no_grad():
             for batch in tqdm(batches, desc="caching clean/ablated runs", disable=not progress):
-                zeros = torch.zeros(self.graph.n_src, self.graph.n_dst, device=batch.clean.device)
-                abl = ablated_acts(engine, batch, ablation, mean)
                 full = engine.run(engine.embed(batch.clean), batch.target_pos).logits
-                if ablation == "corrupt":
-                    empty = engine.run(engine.embed(batch.corrupt), batch.target_pos).logits
+                if ablation == "corrupt":  # one corrupted run gives both what patched edges carry and the
+                    rec = engine.run(engine.embed(batch.corrupt), batch.target_pos, record=True)  # empty circuit
+                    abl, empty = rec.acts, rec.logits
                 else:
+                    abl = ablated_acts(engine, batch, ablation, mean)
+                    zeros = torch.zeros(self.graph.n_src, self.graph.n_dst, device=batch.clean.device)
                     empty = engine.run(engine.embed(batch.clean), batch.target_pos, mask=zeros, ablated=abl).logits
                 self.cache.append(_Cached(batch, abl if self.cache_ablated else None, full, empty))
         self.m_full = check_finite(self._metric_over("full_logits"), "the full model's metric")
@@ -81,6 +108,7 @@ class Evaluator:
 
     @property
     def n_prompts(self) -> int:
+        """Number of prompts evaluated (over all batches)."""
         return int(self.m_full.numel())
 
     def _metric_over(self, attr: str) -> torch.Tensor:
@@ -88,8 +116,14 @@ class Evaluator:
 
     @torch.no_grad()
     def circuit_logits(self, circuit: Circuit | torch.Tensor) -> list[torch.Tensor]:
-        """Logits of the circuit alone (edges outside it patched), one ``[b, T, V]`` per batch."""
+        """Logits of the circuit alone (edges outside it patched), one ``[b, T, V]`` per batch.
+
+        Args:
+            circuit: a :class:`~kcircuits.graph.Circuit`, or a patching mask ``[n_src, n_dst]`` (1 keeps an edge).
+        """
         mask = circuit.mask() if isinstance(circuit, Circuit) else circuit
+        if mask.dim() == 2 and bool((mask[self.edge_exists.to(mask.device)] == 1).all()):
+            return [c.full_logits for c in self.cache]  # every edge kept: the circuit is the full model, exactly
         out = []
         eng = self.engine
         for c in self.cache:
@@ -99,7 +133,18 @@ class Evaluator:
         return out
 
     def evaluate(self, circuit: Circuit, ks: tuple[int, ...] = (1, 10)) -> dict:
-        """Metric, faithfulness, Hit@k and KL of one circuit, per prompt and summarised."""
+        """Metric, faithfulness, Hit@k and KL of one circuit, per prompt and summarised.
+
+        Args:
+            circuit: the :class:`~kcircuits.graph.Circuit` evaluated (of this evaluator's graph).
+            ks: the k of each Hit@k reported (``full_hit{k}``, ``circuit_hit{k}``, ``chance_hit{k}``).
+
+        Returns:
+            A JSON-ready dict (one prompt set's entry of ``metrics.json``): ``faithfulness`` (per prompt,
+            summarised over the stable prompts), ``faithfulness_of_means``, the metric of the full model,
+            the empty circuit and the circuit, ``kl_full_to_circuit``, the Hit@k values, and
+            ``per_prompt`` lists.
+        """
         logits = self.circuit_logits(circuit)
         m_circ = check_finite(
             torch.cat([self.metric(lg, c.batch) for lg, c in zip(logits, self.cache, strict=True)]).cpu(),
@@ -138,7 +183,19 @@ class Evaluator:
     def random_baselines(self, circuit: Circuit, n_draws: int, seed: int, kinds: Sequence[str] = RANDOM_KINDS) -> dict:
         """Evaluate ``n_draws`` random circuits of each kind (:data:`kcircuits.selection.RANDOM_KINDS`), every
         one with exactly the circuit's number of edges after pruning: per kind each draw's shape and
-        values, and their mean and spread."""
+        values, and their mean and spread.
+
+        Args:
+            circuit: the circuit whose :class:`~kcircuits.selection.CircuitShape` the draws copy.
+            n_draws: random circuits per kind.
+            seed: seed of the first draw (draw ``i`` uses ``seed + i``).
+            kinds: which baselines, from ``RANDOM_KINDS`` (``same_size``, ``same_logit_edges``).
+
+        Returns:
+            ``{"circuit_shape", "n_draws", "kinds": {kind: entry}}``; each entry holds every draw's
+            ``shapes``, ``faithfulness_of_means``, ``circuit_hit1`` and ``circuit_hit10``, and of each
+            of those three values a ``<name>_summary`` (mean, spread).
+        """
         shape = CircuitShape.of(circuit)
         out: dict = {"circuit_shape": shape.to_json(), "n_draws": n_draws, "kinds": {}}
         for kind in kinds:
@@ -153,7 +210,21 @@ class Evaluator:
 
     def curve(self, scores: torch.Tensor, percents: Sequence[float] = CURVE_PERCENTS, *, selection: str = "topn",
               absolute: bool = True, random_baseline: bool = False, seed: int = 0) -> dict:
-        """Faithfulness against circuit size (percent of all edges), with CPR and CMD."""
+        """Faithfulness against circuit size (percent of all edges), with CPR and CMD.
+
+        Args:
+            scores: edge scores ``[n_src, n_dst]`` each size's circuit is selected from.
+            percents: circuit sizes in percent of all edges (default: MIB's grid, 0.1 to 100).
+            selection: ``"topn"`` or ``"greedy"`` (see :func:`kcircuits.selection.select`).
+            absolute: rank edges by ``|score|`` (False: by signed score).
+            random_baseline: also evaluate, per size, one random circuit of that circuit's exact
+                pruned shape, and report its CPR and CMD.
+            seed: seed of the random circuits (size ``i`` uses ``seed + i``).
+
+        Returns:
+            ``{"points": [...], "cpr", "cmd"}`` (with ``random_baseline`` also ``random_cpr``,
+            ``random_cmd``); one point per size: percent, edges selected and kept, faithfulness, Hit@10.
+        """
         g = self.graph
         points = []
         for pct in tqdm(percents, desc="faithfulness curve", disable=not self.progress):
@@ -177,3 +248,6 @@ class Evaluator:
             rnd = curve_areas(x, [p["random_faithfulness_of_means"] for p in points])
             out["random_cpr"], out["random_cmd"] = rnd["cpr"], rnd["cmd"]
         return out
+
+
+make_callable(__name__, "evaluate")  # kcircuits.evaluate(...) is kcircuits.api.evaluate

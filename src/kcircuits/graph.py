@@ -27,6 +27,24 @@ from kcircuits.errors import KcircuitsError
 
 @dataclass
 class Graph:
+    """The sources and destinations of a model and the edges between them (see the module docstring).
+
+    Build one with :meth:`from_model`; every score, mask and circuit of the model is a ``[n_src, n_dst]``
+    tensor over it, rows in ``src_names`` order and columns in ``dst_names`` order.
+
+    Attributes:
+        n_layers: transformer blocks.
+        n_heads: query heads per layer.
+        n_kv_heads: key/value heads per layer (fewer than ``n_heads`` with grouped-query attention).
+        grouped: k/v destinations per kv-head when the model has fewer kv-heads than heads (False:
+            one per query head); see :attr:`grouped_kv`.
+        parallel: attention and MLP read the same residual stream (GPT-NeoX), so an MLP does not
+            read its own layer's heads.
+        src_names: source names in order: ``input``, then per layer ``a{l}.h{h}`` and ``m{l}``.
+        dst_names: destination names in order: per layer ``a{l}.h{h}<q>``, the k and v inputs, ``m{l}``;
+            finally ``logits``.
+    """
+
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -63,6 +81,12 @@ class Graph:
     # ----------------------------------------------------------------- sizes and indices
     @classmethod
     def from_model(cls, weights, grouped: bool = True) -> Graph:
+        """The graph of a model.
+
+        Args:
+            weights: the model's :class:`~kcircuits.models.weights.ModelWeights` (``LoadedModel.weights``).
+            grouped: k/v destinations per kv-head on grouped-query attention models (False: per head).
+        """
         return cls(weights.n_layers, weights.n_heads, weights.n_kv_heads, grouped, weights.parallel)
 
     @property
@@ -77,48 +101,60 @@ class Graph:
 
     @property
     def n_attn_dst(self) -> int:
+        """Attention destinations per layer: q per head, then k and v."""
         return self.n_heads + 2 * self.n_kv_dst
 
     @property
     def dst_per_layer(self) -> int:
+        """Destinations per layer: the attention's and the MLP input."""
         return self.n_attn_dst + 1
 
     @property
     def n_src(self) -> int:
+        """Number of sources (rows of every ``[n_src, n_dst]`` tensor)."""
         return 1 + self.n_layers * (self.n_heads + 1)
 
     @property
     def n_dst(self) -> int:
+        """Number of destinations (columns of every ``[n_src, n_dst]`` tensor)."""
         return self.n_layers * self.dst_per_layer + 1
 
     @property
     def n_edges(self) -> int:
+        """Number of edges that exist (the True entries of :meth:`edge_exists`)."""
         return int(self.n_src_before.sum())
 
     def src_index_head(self, layer: int, head: int) -> int:
+        """Row of the source ``a{layer}.h{head}``."""
         return 1 + layer * (self.n_heads + 1) + head
 
     def src_index_mlp(self, layer: int) -> int:
+        """Row of the source ``m{layer}``."""
         return 1 + layer * (self.n_heads + 1) + self.n_heads
 
     def dst_slice_attn(self, layer: int) -> slice:
-        """Destinations of a layer's attention, ordered q heads, k heads, v heads."""
+        """Columns of ``layer``'s attention destinations, ordered q heads, k heads, v heads."""
         start = layer * self.dst_per_layer
         return slice(start, start + self.n_attn_dst)
 
     def dst_index_mlp(self, layer: int) -> int:
+        """Column of the MLP input of ``layer`` (destination ``m{layer}``)."""
         return layer * self.dst_per_layer + self.n_attn_dst
 
     @property
     def dst_index_logits(self) -> int:
+        """Column of the ``logits`` destination (the last)."""
         return self.n_dst - 1
 
     def src_index(self, name: str) -> int:
+        """Row of the source called ``name`` (``"input"``, ``"a3.h2"``, ``"m5"``); unknown names are an error."""
         if name not in self._src_lookup:
             raise KcircuitsError(f"unknown source node {name!r} (examples: input, a0.h0, m0)")
         return self._src_lookup[name]
 
     def dst_index(self, name: str) -> int:
+        """Column of the destination called ``name`` (``"a3.h2<q>"``, ``"m5"``, ``"logits"``); unknown names are
+        an error."""
         if name not in self._dst_lookup:
             raise KcircuitsError(f"unknown destination {name!r} (examples: a0.h0<q>, m0, logits)")
         return self._dst_lookup[name]
@@ -128,7 +164,7 @@ class Graph:
         return torch.arange(self.n_src)[:, None] < self.n_src_before[None, :]
 
     def dst_feeds(self, dst: int) -> list[int]:
-        """Source nodes whose computation reads destination ``dst`` (empty for logits)."""
+        """Rows of the source nodes whose computation reads destination column ``dst`` (empty for logits)."""
         if dst == self.dst_index_logits:
             return []
         layer, offset = divmod(dst, self.dst_per_layer)
@@ -144,6 +180,7 @@ class Graph:
         return [self.src_index_head(layer, kv * per_group + j) for j in range(per_group)]
 
     def dst_kind(self, dst: int) -> str:
+        """What destination column ``dst`` is: ``"q"``, ``"k"``, ``"v"``, ``"mlp"`` or ``"logits"``."""
         if dst == self.dst_index_logits:
             return "logits"
         offset = dst % self.dst_per_layer
@@ -154,12 +191,15 @@ class Graph:
         return "k" if offset < self.n_heads + self.n_kv_dst else "v"
 
     def src_layer(self, src: int) -> int:
+        """Layer of source row ``src`` (-1 for the input)."""
         return -1 if src == 0 else (src - 1) // (self.n_heads + 1)
 
     def edge_name(self, src: int, dst: int) -> str:
+        """``"source->destination"`` of the edge from row ``src`` to column ``dst``."""
         return f"{self.src_names[src]}->{self.dst_names[dst]}"
 
     def describe(self) -> dict:
+        """The graph's shape as JSON (the ``graph`` entry of ``circuit.json``; :meth:`Circuit.from_json` reads it)."""
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
                 "grouped": self.grouped, "parallel": self.parallel, "n_src": self.n_src, "n_dst": self.n_dst,
                 "n_edges": self.n_edges}
@@ -170,8 +210,13 @@ class Graph:
 class Circuit:
     """A set of edges of a graph, with the scores they were selected by.
 
-    ``edges``: ``[n_src, n_dst]`` bool, True for edges in the circuit (subset of ``graph.edge_exists()``).
-    ``scores``: ``[n_src, n_dst]`` float or None.
+    What :func:`kcircuits.discover` finds (``RunOutput.circuit``) and :func:`kcircuits.evaluate`
+    takes; ``circuit.json`` is :meth:`to_json`, read back by :meth:`from_json`.
+
+    Attributes:
+        graph: the :class:`Graph` the edges belong to.
+        edges: ``[n_src, n_dst]`` bool, True for edges in the circuit (subset of ``graph.edge_exists()``).
+        scores: ``[n_src, n_dst]`` float, the scores the edges were selected by, or None.
     """
 
     graph: Graph
@@ -180,10 +225,11 @@ class Circuit:
 
     @property
     def n_edges(self) -> int:
+        """Number of edges in the circuit."""
         return int(self.edges.sum())
 
     def mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The patching mask: 1 keeps the edge, 0 patches it."""
+        """The patching mask ``[n_src, n_dst]`` in ``dtype``: 1 keeps the edge, 0 patches it."""
         return self.edges.to(dtype)
 
     def nodes(self) -> list[str]:
@@ -210,12 +256,23 @@ class Circuit:
 
     # ------------------------------------------------------------- serialisation
     def to_json(self, extra: dict | None = None) -> dict:
+        """The ``circuit.json`` form: the graph's shape, the nodes, and every edge with its score.
+
+        Args:
+            extra: more top-level entries to record (model, relation, method, ...).
+        """
         edges = [{"src": s, "dst": d, "score": sc} for s, d, sc in self.edge_list()]
         return {"format": "kcircuits-circuit/1", "graph": self.graph.describe(), "n_edges": len(edges),
                 "nodes": self.nodes(), "edges": edges, **(extra or {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Circuit:
+        """The circuit a :meth:`to_json` dict describes (e.g. a parsed ``circuit.json``); malformed data is a
+        one-line error.
+
+        Args:
+            data: the dict (``graph``, ``edges`` with ``src``, ``dst`` and optionally ``score``).
+        """
         try:
             g = data["graph"]
             graph = Graph(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), bool(g["grouped"]),
@@ -325,7 +382,7 @@ def dsts_read_by(graph: Graph) -> list[list[int]]:
 
 
 def prune(circuit: Circuit) -> Circuit:
-    """Drop edges that are not on a path from the input to the logits.
+    """``circuit`` without the edges that are not on a path from the input to the logits (a new Circuit).
 
     Forward pass: a node is reached when one of its destinations has an edge from a reached node
     (the input is always reached). Backward pass: a destination is useful when it is the logits or
@@ -353,7 +410,14 @@ def prune(circuit: Circuit) -> Circuit:
 
 
 def circuit_from_edges(graph: Graph, names: Iterable[str], scores: torch.Tensor | None = None) -> Circuit:
-    """Build a circuit from edge names ``"src->dst"`` (for hand-made circuits and tests)."""
+    """Build a circuit from edge names (for hand-made circuits and tests).
+
+    Args:
+        graph: the :class:`Graph` the edges belong to.
+        names: edge names ``"src->dst"``, e.g. ``"a0.h1->m2"``, ``"m5->logits"``; an edge that does not
+            exist is an error.
+        scores: ``[n_src, n_dst]`` scores to attach, or None.
+    """
     edges = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     for name in names:
         src, _, dst = name.partition("->")

@@ -24,6 +24,7 @@ from kcircuits.errors import KcircuitsError
 from kcircuits.metrics import answer_rank
 from kcircuits.models import LoadedModel, load_model
 from kcircuits.runs import RunFolder, default_run_dir
+from kcircuits.steps import StepCache, pairs_digest, step_key
 from kcircuits.settings import (
     AttributionSettings,
     PromptSettings,
@@ -31,12 +32,21 @@ from kcircuits.settings import (
     ScoringSettings,
     reject_unknown,
     resolve,
+    settings_doc,
 )
 
 
 @dataclass
 class PromptSplit:
-    """The prompt pairs of one relation for one role (discovery or test), with what was skipped."""
+    """The prompt pairs of one relation for one role (discovery or test), with what was skipped.
+
+    Attributes:
+        relation: the relation's name.
+        role: ``"discover"``, ``"test"`` or ``"all"``.
+        pairs: the :class:`~kcircuits.data.prompts.PromptPair` s kept, in order.
+        skipped: candidates left out, by reason (no same-length corruption, not known, over the cap, ...).
+        n_candidates: prompt pairs built before any was skipped.
+    """
 
     relation: str
     role: str  # "discover" | "test" | "all"
@@ -45,6 +55,7 @@ class PromptSplit:
     n_candidates: int
 
     def to_json(self) -> dict:
+        """The set as written to ``prompts.json``: counts, skip reasons and every pair's texts."""
         return {"relation": self.relation, "role": self.role, "n_pairs": len(self.pairs), "skipped": self.skipped,
                 "n_candidates": self.n_candidates,
                 "pairs": [{"clean": p.clean_text, "corrupt": p.corrupt_text, "answer": p.object,
@@ -61,17 +72,25 @@ def model_name(model: str | LoadedModel) -> str:
 
 
 def open_run(kind: str, parts: Sequence[str], reproduce: dict | Callable[[LoadedModel], dict], out: str | Path | None,
-             model: str | LoadedModel, run: RunSettings) -> tuple[RunFolder, LoadedModel]:
-    """Load the model first (a model that fails to load writes nothing), then bind the run folder,
-    ``out`` or ``runs/<kind>_<parts>_<config hash>``, recording ``reproduce`` and the environment.
+             model: str | LoadedModel, run: RunSettings,
+             check: Callable[[LoadedModel], None] | None = None) -> tuple[RunFolder, LoadedModel]:
+    """Load the model first (a model that fails to load writes nothing), run ``check`` on it (e.g. that a
+    circuit fits it), then bind the run folder, ``out`` or ``runs/<kind>_<parts>_<config hash>``,
+    recording ``reproduce`` and the environment.
 
     ``reproduce`` may be a function of the loaded model, so that it records (and the folder's hash
     covers) the weights' fingerprint: an edited or fine-tuned model never reuses another's results."""
+    wall, cpu = time.perf_counter(), time.process_time()
     lm = load(model, run)
+    if check is not None:
+        check(lm)
     config = reproduce(lm) if callable(reproduce) else reproduce
+    loaded = (time.perf_counter() - wall, time.process_time() - cpu)
     folder = Path(out) if out else default_run_dir(kind, list(parts), config)
-    return RunFolder(folder, {"reproduce": config, "environment": environment(), "batch_size": run.batch_size,
-                              "device": str(run.device)}), lm
+    run_folder = RunFolder(folder, {"reproduce": config, "environment": environment(), "batch_size": run.batch_size,
+                                    "device": str(run.device)})
+    run_folder.record_time("load model", *loaded)
+    return run_folder, lm
 
 
 def environment() -> dict:
@@ -84,7 +103,8 @@ def environment() -> dict:
 def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, mask: torch.Tensor | None = None,
                  ablated: torch.Tensor | None = None,
                  answer_scoring: str = "first_token") -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rank of each pair's answer (1 = top; ties count against it) and its own top token, ``[n]`` each.
+    """The model's rank of each pair's answer (1 = top; ties count against it) and its own top token, ``[n]`` each,
+    over the prompt pairs ``pairs`` run through ``engine`` in batches of ``batch_size`` (padded with ``pad_id``).
 
     The rank is the first answer token's, or with ``answer_scoring="full"`` the worst of the answer's
     tokens under teacher forcing (see :func:`kcircuits.metrics.answer_rank`). With ``mask``
@@ -103,12 +123,32 @@ def answer_ranks(engine: Engine, pairs: list, pad_id: int, batch_size: int, *, m
 
 
 def known_filter(engine: Engine, pairs: list, pad_id: int, top_k: int, batch_size: int,
-                 answer_scoring: str = "first_token") -> tuple[list, int]:
+                 answer_scoring: str = "first_token", *, ranks: Sequence[int] | None = None) -> tuple[list, int]:
     """Keep the pairs whose answer the model ranks within ``top_k`` on the clean prompt (whole answers:
-    every token within ``top_k`` under teacher forcing)."""
-    ranks, _ = answer_ranks(engine, pairs, pad_id, batch_size, answer_scoring=answer_scoring)
-    kept = [p for p, r in zip(pairs, ranks.tolist(), strict=True) if r <= top_k]
+    every token within ``top_k`` under teacher forcing). ``ranks``: the clean ranks when already known
+    (:func:`clean_ranks`), else they are computed with ``engine`` in batches of ``batch_size`` padded
+    with ``pad_id``, scoring answers by ``answer_scoring``. Returns the kept pairs and how many were dropped."""
+    if ranks is None:
+        ranks = answer_ranks(engine, pairs, pad_id, batch_size, answer_scoring=answer_scoring)[0].tolist()
+    kept = [p for p, r in zip(pairs, ranks, strict=True) if r <= top_k]
     return kept, len(pairs) - len(kept)
+
+
+def clean_ranks(model: LoadedModel, engine: Engine, pairs: list, batch_size: int, answer_scoring: str,
+                cache: StepCache | None = None) -> list[int]:
+    """The model's rank of each pair's answer on its clean prompt, from the step cache when there.
+
+    Keyed by the weights, the dtype, the answer scoring and the clean prompts' and answers' token ids
+    (not by ``known_k``: one set of ranks serves every threshold)."""
+    cache = cache or StepCache(None)
+    key = step_key("clean_ranks", weights=model.fingerprint, dtype=str(model.dtype), answer_scoring=answer_scoring,
+                   pairs=pairs_digest(pairs, ("clean_ids", "answer_ids")))
+    hit = cache.read_json("clean_ranks", key)
+    if isinstance(hit, list) and len(hit) == len(pairs):
+        return hit
+    ranks = answer_ranks(engine, pairs, model.pad_token_id, batch_size, answer_scoring=answer_scoring)[0].tolist()
+    cache.write_json("clean_ranks", key, ranks)
+    return ranks
 
 
 def empty_prompts_hint(skipped: dict[str, int], n_candidates: int, answer_scoring: str) -> str:
@@ -133,13 +173,30 @@ def empty_prompts_hint(skipped: dict[str, int], n_candidates: int, answer_scorin
 
 def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, settings: PromptSettings | None = None,
                     seed: int = 0, batch_size: int = 8, answer_scoring: str = "first_token",
-                    roles: Sequence[str] | None = None, **options) -> dict[str, PromptSplit]:
+                    roles: Sequence[str] | None = None, cache: StepCache | None = None,
+                    **options) -> dict[str, PromptSplit]:
     """Build the prompt pairs of a relation: one set ("all"), or disjoint "discover"/"test" halves by subject.
 
     Every set is built the same way: all pairs, then the known-facts filter where it applies
     (``known_only`` on the sets named by ``known_only_on``), then the cap of ``max_pairs``
     (:func:`kcircuits.data.cap_pairs`). ``settings`` (or its fields by name in ``options``) say
-    which; ``roles`` limits which sets are built (e.g. only "test").
+    which; ``roles`` limits which sets are built (e.g. only "test"). The known-facts filter's ranks
+    come from ``cache`` (:class:`kcircuits.steps.StepCache`) when it holds them.
+
+    Args:
+        model: the loaded model (its tokenizer builds the pairs; it ranks the answers for the filter).
+        engine: the engine the filter runs (unused without ``known_only``; may then be None).
+        relation: a bundled relation name or a .json/.csv file.
+        settings: :class:`~kcircuits.settings.PromptSettings` (or its fields by name in ``options``).
+        seed: seed of the split and the cap.
+        batch_size: prompt pairs per batch of the filter.
+        answer_scoring: ``"first_token"`` or ``"full"`` (whole answers, teacher-forced).
+        roles: build only these sets.
+        cache: the step cache of the filter's ranks.
+
+    Returns:
+        ``{role: PromptSplit}``: ``{"all": ...}`` without ``split``, else ``{"discover": ..., "test": ...}``.
+
     """
     st = resolve(PromptSettings, settings, options)
     reject_unknown(options, "prepare_prompts")
@@ -156,7 +213,9 @@ def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, settin
         skipped = dict(ps.skipped)
         pairs = list(ps.pairs)
         if known_only and pairs and (known_only_on == "both" or role != "test"):
-            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size, answer_scoring)
+            ranks = clean_ranks(model, engine, pairs, batch_size, answer_scoring, cache)
+            pairs, dropped = known_filter(engine, pairs, model.pad_token_id, known_k, batch_size, answer_scoring,
+                                          ranks=ranks)
             skipped[f"not_known_top{known_k}"] = dropped
         capped = cap_pairs(pairs, max_pairs, seed)
         if len(capped) < len(pairs):  # a choice, not a failure, but still counted so nothing disappears silently
@@ -170,6 +229,9 @@ def prepare_prompts(model: LoadedModel, engine: Engine, relation: str, *, settin
             )
         out[role] = PromptSplit(ds.name, role, pairs, skipped, ps.n_candidates)
     return out
+
+
+prepare_prompts.__doc__ += settings_doc(PromptSettings, param="settings")
 
 
 def model_batches(model: LoadedModel, pairs: list, batch_size: int, answer_scoring: str) -> list[Batch]:

@@ -40,7 +40,21 @@ RANDOM_KINDS = ("same_size", "same_logit_edges")
 
 def select(graph: Graph, scores: torch.Tensor, n_edges: int, *, selection: str = "topn", absolute: bool = True,
            do_prune: bool = True) -> Circuit:
-    """Select ``n_edges`` edges by ``selection`` ("topn" or "greedy"), then drop edges off any input->logits path."""
+    """Select ``n_edges`` edges by ``selection``, then drop edges off any input -> logits path.
+
+    Args:
+        graph: the model's :class:`~kcircuits.graph.Graph`.
+        scores: edge scores ``[n_src, n_dst]`` (e.g. ``RunOutput.scores``), on the CPU; NaN is refused.
+        n_edges: edges to select before pruning (pruning may leave fewer).
+        selection: ``"topn"`` (the highest-scoring edges) or ``"greedy"`` (grown from the logits,
+            always adding the best edge that enters the circuit; see
+            :func:`~kcircuits.graph.select_greedy`).
+        absolute: rank edges by ``|score|`` (False: by signed score).
+        do_prune: drop edges that lie on no input -> logits path (:func:`~kcircuits.graph.prune`).
+
+    Returns:
+        The :class:`~kcircuits.graph.Circuit`, its ``scores`` set to ``scores``.
+    """
     if selection == "topn":
         circuit = select_topn(graph, scores, n_edges, absolute)
     elif selection == "greedy":
@@ -52,16 +66,30 @@ def select(graph: Graph, scores: torch.Tensor, n_edges: int, *, selection: str =
 
 def select_by_threshold(graph: Graph, scores: torch.Tensor, threshold: float, *, absolute: bool = True,
                         do_prune: bool = True) -> Circuit:
+    """Select every edge scoring at least ``threshold``, then drop edges off any input -> logits path.
+
+    Args:
+        graph: the model's :class:`~kcircuits.graph.Graph`.
+        scores: edge scores ``[n_src, n_dst]``, on the CPU; NaN is refused.
+        threshold: the smallest score kept (compared with ``|score|`` when ``absolute``).
+        absolute: compare ``|score|`` (False: the signed score).
+        do_prune: drop edges that lie on no input -> logits path (:func:`~kcircuits.graph.prune`).
+
+    Returns:
+        The :class:`~kcircuits.graph.Circuit`, its ``scores`` set to ``scores``.
+    """
     circuit = select_threshold(graph, scores, threshold, absolute)
     return prune(circuit) if do_prune else circuit
 
 
 @dataclass(frozen=True)
 class CircuitShape:
-    """What a random baseline copies from a circuit.
+    """What a random baseline copies from a circuit (:func:`random_circuit`).
 
-    ``n_nodes`` counts the active sources (those with an edge out), the input excluded;
-    ``n_logit_edges`` the edges into the logits.
+    Attributes:
+        n_edges: the circuit's number of edges.
+        n_nodes: its active sources (those with an edge out), the input excluded.
+        n_logit_edges: its edges into the logits.
     """
 
     n_edges: int
@@ -70,11 +98,13 @@ class CircuitShape:
 
     @classmethod
     def of(cls, circuit: Circuit) -> CircuitShape:
+        """The shape of ``circuit`` (a :class:`~kcircuits.graph.Circuit`)."""
         e = circuit.edges
         active = e.any(1)
         return cls(int(e.sum()), int(active[1:].sum()), int(e[:, circuit.graph.dst_index_logits].sum()))
 
     def to_json(self) -> dict:
+        """``{"n_edges", "n_nodes", "n_logit_edges"}`` (as in ``metrics.json``)."""
         return asdict(self)
 
 
@@ -178,13 +208,22 @@ class _Grower:
 
 
 def random_circuit(graph: Graph, n_edges: int | CircuitShape, seed: int, *, match_logit_edges: bool = False) -> Circuit:
-    """A random circuit with exactly ``n_edges`` edges, every one on an input -> logits path.
+    """A random circuit with exactly ``n_edges`` edges, every one on an input -> logits path (a baseline).
 
     Given a :class:`CircuitShape`, the random circuit also gets the shape's number of active nodes
     (as far as the edge budget allows: a new node costs two edges, one if it is already reached), and with
     ``match_logit_edges`` exactly its number of edges into the logits. Nodes are drawn uniformly among the
     sources, edges uniformly among those that keep the circuit valid. Given a plain number, nodes and edges are
     added by a fair coin while two or more edges remain. Pruning the result changes nothing.
+
+    Args:
+        graph: the model's :class:`~kcircuits.graph.Graph`.
+        n_edges: the number of edges, or the :class:`CircuitShape` of the circuit to match.
+        seed: the draw's seed (the same seed gives the same circuit).
+        match_logit_edges: with a shape, also match its number of edges into the logits.
+
+    Returns:
+        The random :class:`~kcircuits.graph.Circuit` (without scores).
     """
     shape = n_edges if isinstance(n_edges, CircuitShape) else None
     n = shape.n_edges if shape else int(n_edges)
@@ -251,7 +290,18 @@ def _grow(graph: Graph, n: int, shape: CircuitShape | None, quota: int | None,
 
 
 def random_circuits(graph: Graph, shape: CircuitShape, n_draws: int, seed: int, kind: str) -> list[Circuit]:
-    """``n_draws`` random circuits of one :data:`RANDOM_KINDS` kind, seeds ``seed, seed + 1, ...``."""
+    """``n_draws`` random circuits of one kind, for the baselines every evaluated circuit is compared with.
+
+    Args:
+        graph: the model's :class:`~kcircuits.graph.Graph`.
+        shape: the :class:`CircuitShape` of the circuit to match.
+        n_draws: how many circuits to draw.
+        seed: the first draw's seed; draw ``i`` uses ``seed + i``.
+        kind: one of :data:`RANDOM_KINDS`: ``"same_size"`` or ``"same_logit_edges"``.
+
+    Returns:
+        The list of ``n_draws`` random circuits (see :func:`random_circuit`).
+    """
     if kind not in RANDOM_KINDS:
         raise KcircuitsError(f"unknown random baseline {kind!r}: use one of {', '.join(RANDOM_KINDS)}")
     return [random_circuit(graph, shape, seed + i, match_logit_edges=kind == "same_logit_edges")

@@ -94,10 +94,10 @@ def one_of(value: Any, allowed: Iterable[str], what: str) -> str:
 
 
 def discovery_method_names() -> tuple[str, ...]:
-    """Names of the registered discovery methods (imports :mod:`kcircuits.discover`, which registers them)."""
+    """Names of the registered discovery methods (read without importing them: see ``registry.method_names``)."""
     from kcircuits.discover import registry
 
-    return tuple(registry.load_all())
+    return registry.method_names()
 
 
 @dataclass(frozen=True)
@@ -237,12 +237,41 @@ class RunSettings:
     dtype: str = option("float32", "weights' dtype", choices=DTYPES)
     batch_size: int = option(8, "prompt pairs per batch (memory, not results)", hashed=False)
     seed: int = option(0, "seed of the split, the pair cap and the random baselines")
+    cache: bool = option(True, "reuse and store each step's result in the step cache (kcircuits.steps)",
+                         invert="--no-cache", invert_help="recompute every step: neither read nor write the step cache "
+                         "($KCIRCUITS_STEP_CACHE, default ~/.cache/kcircuits/steps)", hashed=False)
 
     def __post_init__(self) -> None:
         one_of(self.dtype, DTYPES, "--dtype")
         set_field(self, "batch_size", whole_number(self.batch_size, "--batch-size"))
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         set_field(self, "seed", whole_number(self.seed, "--seed"))
+
+
+@dataclass
+class RoleThresholds:
+    """Thresholds of the head-role criteria (:mod:`kcircuits.analyze.head_roles`, docs/analysis.md); every one
+    can be set by the user. Kept here, with the other settings, so the command line builds its options
+    without importing torch."""
+
+    subject_mass_min: float = option(0.3, "mover: attention to the subject", type=float)
+    relation_mass_min: float = option(0.3, "relation head: attention to the relation", type=float)
+    answer_z_min: float = option(2.0, "mover: z-score of the answer's direct effect", type=float)
+    specificity_min: float = option(1.0, "mover: answer z minus range z", type=float)
+    range_z_min: float = option(1.0, "relation head: z-score on the answer range", type=float)
+
+    def moves_subject(self, subject_mass: float, answer_z: float, specificity: float) -> bool:
+        return (subject_mass >= self.subject_mass_min and answer_z >= self.answer_z_min
+                and specificity >= self.specificity_min)
+
+    def reads_relation(self, relation_mass: float, range_z: float) -> bool:
+        return relation_mass >= self.relation_mass_min and range_z >= self.range_z_min
+
+    def role(self, row: dict) -> str:
+        mover = self.moves_subject(row["subject_mass"], row["answer_z"], row["specificity"])
+        relation = self.reads_relation(row["relation_mass"], row["range_z"])
+        roles = {(True, True): "mixture", (True, False): "mover", (False, True): "relation"}
+        return roles.get((mover, relation), "none")
 
 
 # --------------------------------------------------------------------------- building settings
@@ -284,11 +313,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def settings_doc(*classes: type) -> str:
-    """One line per field of ``classes``: name, default and help (appended to the API's docstrings)."""
+def settings_doc(*classes: type, param: str | None = None) -> str:
+    """One line per field of ``classes``: name, default and help (appended to the API's docstrings).
+    ``param`` names the parameter that takes the object when it is not :func:`param_name`'s."""
     lines = []
     for cls in classes:
-        lines.append(f"{cls.__name__} (pass ``{param_name(cls)}=`` or any of its fields by name):")
+        lines.append(f"{cls.__name__} (pass ``{param or param_name(cls)}=`` or any of its fields by name):")
         for f in fields(cls):
             default = f.default if f.default is not MISSING else "required"
             lines.append(f"    {f.name} = {default!r}: {f.metadata.get('help', '')}")

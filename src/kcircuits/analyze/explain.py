@@ -30,7 +30,17 @@ from kcircuits.graph import Circuit
 
 @dataclass
 class Explanation:
-    """Everything :func:`explain` measured; ``pairs`` are the prompts, in the order of every ``[b, ...]`` tensor."""
+    """Everything :func:`explain` measured; ``pairs`` are the prompts, in the order of every ``[b, ...]`` tensor.
+
+    Attributes:
+        pairs: the prompt pairs explained.
+        lens: the logit lens of the clean model (per layer and per node).
+        lens_circuit: the lens of the circuit alone (edges outside it patched), or None without a circuit.
+        lens_chance: the lens of the fully ablated run (every edge patched): the chance level, or None.
+        roles: the head-role table (:class:`~kcircuits.analyze.head_roles.RoleTable`), or None when skipped.
+        composition: the circuit's nodes and edges by component type, or None without a circuit.
+        tokens: the decoded clean tokens of every prompt.
+    """
 
     pairs: list
     lens: LensResult
@@ -41,6 +51,8 @@ class Explanation:
     tokens: list[list[str]]  # decoded clean tokens of every prompt
 
     def lens_json(self, tokenizer) -> dict:
+        """``lens.json``: the prompts and answers, the clean and circuit-only lens per prompt (tokens
+        decoded with ``tokenizer``) and their rank-by-layer summaries (with the chance level)."""
         out = {"prompts": [p.clean_text for p in self.pairs], "answers": [p.object for p in self.pairs],
                "clean": self.lens.to_json(tokenizer), "summary": {"clean": layer_trace(self.lens)}}
         if self.lens_circuit is not None:
@@ -51,7 +63,10 @@ class Explanation:
         return out
 
     def report_view(self, circuit: Circuit | None = None) -> dict:
-        """The report's "lens", "roles" and "composition" entries (plain lists and numbers)."""
+        """The report's "lens", "roles" and "composition" entries (plain lists and numbers, so the
+        dict can be cached as JSON); "lens" and "roles" carry ``n_prompts``, which the report states
+        next to them (they usually run on fewer prompts than the Hit@k evaluation). ``circuit``
+        marks each head of the roles table as in it or not (None: unknown)."""
         trace = {"layers": list(range(self.lens.layer_rank.shape[1])), "clean": layer_trace(self.lens)}
         if self.lens_circuit is not None:
             trace["circuit"] = layer_trace(self.lens_circuit)
@@ -66,11 +81,17 @@ class Explanation:
             shown = [r for r in rows if r["role"] != "none" or r["in_circuit"]]
             shown.sort(key=lambda r: -abs(r["direct_effect"]))
             view["roles"] = {"thresholds": self.roles.to_json()["thresholds"], "counts": self.roles.counts(),
-                             "rows": shown[:60], "n_heads": len(rows)}
+                             "rows": shown[:60], "n_heads": len(rows), "n_prompts": len(self.pairs)}
         return view
 
     def node_details(self, tokenizer, example: int = 0) -> dict:
-        """The viewer's per-node panel for one example prompt (schema in docs/viewer.md)."""
+        """The viewer's per-node panel for one example prompt (schema in docs/viewer.md), plain JSON.
+
+        The example's ``answer`` is the answer's first token as decoded (``" Lisbon"``, leading space
+        kept), the token whose rank and probability the lens entries give; ``answer_text`` is the
+        answer as the dataset writes it. ``n_prompts`` is how many prompts the roles were measured on.
+        ``tokenizer`` decodes the tokens; ``example`` is the index of the prompt shown.
+        """
         lens, pair = self.lens_circuit or self.lens, self.pairs[example]
         nodes: dict[str, dict] = {}
         for i, name in enumerate(lens.node_names):
@@ -85,9 +106,10 @@ class Explanation:
             nodes[row["head"]]["attention"] = {"weights": self.roles.attention[i, example, :n_tok].tolist()}
             nodes[row["head"]]["role"] = {k: row[k] for k in ("role", "subject_mass", "relation_mass", "other_mass",
                                                              "direct_effect", "answer_z", "range_z", "specificity")}
-        return {"example": {"prompt": pair.clean_text, "tokens": self.tokens[example], "answer": pair.object,
+        return {"example": {"prompt": pair.clean_text, "tokens": self.tokens[example],
+                            "answer": tokenizer.decode([int(pair.answer_ids[0])]), "answer_text": pair.object,
                             "lens_of": "circuit" if self.lens_circuit is not None else "clean model"},
-                "nodes": nodes}
+                "nodes": nodes, "n_prompts": len(self.pairs)}
 
 
 def layer_trace(lens: LensResult) -> dict:
@@ -118,6 +140,24 @@ def explain(engine: Engine, tokenizer, pairs: list, pad_id: int, *, circuit: Cir
 
     The answer range for the relation-head criterion defaults to every answer of ``pairs`` (see
     :func:`answer_range_of`); pass the relation's full range when ``pairs`` is a small sample.
+
+    Args:
+        engine: the engine of the model, over the circuit's graph.
+        tokenizer: decodes the tokens and finds the subject and relation tokens of each prompt.
+        pairs: the prompt pairs explained.
+        pad_id: the padding token id.
+        circuit: the circuit whose circuit-only lens and composition are measured (None: clean model only).
+        ablation: what edges outside the circuit carry: ``"corrupt"``, ``"zero"`` or ``"mean"``.
+        batch_size: prompt pairs per batch.
+        thresholds: head-role thresholds (None: the defaults).
+        answer_range: token ids of the relation's answers (the relation-head criterion).
+        top_k: tokens kept per node and layer in the lens.
+        device: where the batches run (the model's device).
+        node_lens: unembed every node's output (else only the per-layer trace).
+        roles: measure head roles.
+
+    Returns:
+        An :class:`Explanation`.
     """
     if not pairs:
         raise KcircuitsError("no prompts to explain")

@@ -37,35 +37,11 @@ import torch.nn.functional as F
 from kcircuits.batching import Batch
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
-from kcircuits.settings import option
+from kcircuits.settings import RoleThresholds  # noqa: F401  (re-exported: defined with the other settings)
 
 OTHER, SUBJECT, RELATION = 0, 1, 2
 TOKEN_KINDS = ("other", "subject", "relation")
 _SENTENCE_ENDS = (". ", "\n", "? ", "! ", "; ")
-
-
-@dataclass
-class RoleThresholds:
-    """Thresholds of the role criteria (module docstring); every one can be set by the user."""
-
-    subject_mass_min: float = option(0.3, "mover: attention to the subject", type=float)
-    relation_mass_min: float = option(0.3, "relation head: attention to the relation", type=float)
-    answer_z_min: float = option(2.0, "mover: z-score of the answer's direct effect", type=float)
-    specificity_min: float = option(1.0, "mover: answer z minus range z", type=float)
-    range_z_min: float = option(1.0, "relation head: z-score on the answer range", type=float)
-
-    def moves_subject(self, subject_mass: float, answer_z: float, specificity: float) -> bool:
-        return (subject_mass >= self.subject_mass_min and answer_z >= self.answer_z_min
-                and specificity >= self.specificity_min)
-
-    def reads_relation(self, relation_mass: float, range_z: float) -> bool:
-        return relation_mass >= self.relation_mass_min and range_z >= self.range_z_min
-
-    def role(self, row: dict) -> str:
-        mover = self.moves_subject(row["subject_mass"], row["answer_z"], row["specificity"])
-        relation = self.reads_relation(row["relation_mass"], row["range_z"])
-        roles = {(True, True): "mixture", (True, False): "mover", (False, True): "relation"}
-        return roles.get((mover, relation), "none")
 
 
 # --------------------------------------------------------------------------- token kinds
@@ -123,12 +99,18 @@ def token_roles(tokenizer, pairs: Sequence, width: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the table
 @dataclass
 class RoleTable:
-    """Per-head role numbers, averaged over prompts, and the per-prompt values behind them.
+    """Per-head role numbers, averaged over prompts, and the per-prompt values behind them
+    (what :func:`head_roles` returns; ``roles.json`` is :meth:`to_json`).
 
-    ``rows``: one dict per head (name, layer, head, subject/relation/other mass, direct_effect,
-    answer_z, range_z, specificity, role). ``attention``: ``[n_heads, b, p]`` attention of each
-    head from the answer position, for the first batch's prompts. ``per_prompt``: name ->
-    ``[n_heads, n_prompts]`` tensors.
+    Attributes:
+        heads: head names in graph order (``a0.h0``, ``a0.h1``, ...).
+        rows: one dict per head, in ``heads`` order: ``head``, ``layer``, ``index``,
+            ``subject_mass``, ``relation_mass``, ``other_mass``, ``direct_effect``, ``answer_z``,
+            ``range_z``, ``specificity``, ``role`` (``mover``, ``relation``, ``mixture`` or ``none``).
+        attention: ``[n_heads, b, p]`` attention of each head from the answer position, for the first
+            batch's prompts.
+        per_prompt: number name -> ``[n_heads, n_prompts]`` tensor (the values ``rows`` average).
+        thresholds: the :class:`RoleThresholds` the roles were assigned with.
     """
 
     heads: list[str]
@@ -138,15 +120,18 @@ class RoleTable:
     thresholds: RoleThresholds = field(default_factory=RoleThresholds)
 
     def by_role(self, role: str) -> list[str]:
+        """The heads whose role is ``role`` (``"mover"``, ``"relation"``, ``"mixture"`` or ``"none"``)."""
         return [r["head"] for r in self.rows if r["role"] == role]
 
     def counts(self) -> dict[str, int]:
+        """How many heads have each role: ``{"mover": n, "relation": n, "mixture": n, "none": n}``."""
         out = {k: 0 for k in ("mover", "relation", "mixture", "none")}
         for r in self.rows:
             out[r["role"]] += 1
         return out
 
     def to_json(self) -> dict:
+        """``{"thresholds", "counts", "heads": rows}``: the contents of ``roles.json``."""
         return {"thresholds": asdict(self.thresholds), "counts": self.counts(), "heads": self.rows}
 
 
@@ -169,8 +154,14 @@ def answer_attention(engine: Engine, res, batch: Batch, layer: int) -> torch.Ten
 
 @torch.no_grad()
 def attention_mass(engine: Engine, batch: Batch, token_mask: torch.Tensor) -> torch.Tensor:
-    """Attention mass each head puts on the tokens of ``token_mask`` ``[b, p]`` (bool) from the answer
-    position: ``[L * H, b]``, heads in graph order (``a0.h0, a0.h1, ...``)."""
+    """Attention mass each head puts on some tokens from the answer position: ``[L * H, b]``, heads in
+    graph order (``a0.h0, a0.h1, ...``).
+
+    Args:
+        engine: the :class:`~kcircuits.engine.Engine` of the model.
+        batch: the prompts (:class:`~kcircuits.batching.Batch`), on the engine's device.
+        token_mask: ``[b, p]`` bool, the tokens whose attention mass is summed.
+    """
     res = engine.run(engine.embed(batch.clean), batch.target_pos, capture=True)
     m = token_mask.to(batch.clean.device).float()
     return torch.cat([torch.einsum("bhp,bp->hb", answer_attention(engine, res, batch, layer), m)
@@ -215,11 +206,16 @@ def head_roles(engine: Engine, batches: Batch | Sequence[Batch], kinds: torch.Te
     """Measure every head's attention masses and direct effects over the prompts; assign roles.
 
     Args:
+        engine: the :class:`~kcircuits.engine.Engine` of the model.
         batches: one :class:`Batch` or several; ``kinds`` (and ``answers``) match them one to one.
         kinds: ``[b, p]`` token kinds from :func:`token_roles`.
         answer_range: token ids of the relation's answer set (first token of every object).
+        thresholds: the role criteria (:class:`RoleThresholds`; None: the defaults).
         answers: ``[b]`` token whose direct effect counts as "the answer" (default the batch's
             first target token; the hallucination study passes the model's wrong prediction).
+
+    Returns:
+        The :class:`RoleTable` of every head.
     """
     thresholds = thresholds or RoleThresholds()
     batches = [batches] if isinstance(batches, Batch) else list(batches)
@@ -251,5 +247,6 @@ def head_roles(engine: Engine, batches: Batch | Sequence[Batch], kinds: torch.Te
 
 
 def answer_range_of(pairs: Sequence) -> list[int]:
-    """The relation's answer set as first answer tokens: every clean and corrupt answer seen."""
+    """The relation's answer set as first answer tokens: every clean and corrupt answer seen in ``pairs``
+    (sorted token ids; the answer range of :func:`head_roles`)."""
     return sorted({p.answer_ids[0] for p in pairs} | {p.corrupt_answer_ids[0] for p in pairs})

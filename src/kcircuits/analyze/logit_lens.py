@@ -24,8 +24,9 @@ from kcircuits.metrics import rank_of
 
 @dataclass
 class LensResult:
-    """Answer rank/probability under the logit lens, per prompt.
+    """Answer rank/probability under the logit lens, per prompt (what :func:`logit_lens` returns).
 
+    node_names:             the sources, in graph order (``input``, ``a0.h0``, ..., ``m{L-1}``).
     node_rank, node_prob:   ``[b, n_src]`` for every source's own output.
     layer_rank, layer_prob: ``[b, L + 1]`` for the residual stream after the embeddings (index 0)
                             and after every layer (the last entry is the model's own prediction).
@@ -43,7 +44,11 @@ class LensResult:
 
     @classmethod
     def cat(cls, parts: list[LensResult]) -> LensResult:
-        """Join the results of several batches along the prompt dimension."""
+        """Join the results of several batches along the prompt dimension.
+
+        Args:
+            parts: the per-batch results, in prompt order (at least one).
+        """
         return cls(parts[0].node_names, *(torch.cat([getattr(p, f) for p in parts]) for f in
                                           ("node_rank", "node_prob", "layer_rank", "layer_prob", "node_top",
                                            "node_top_prob")))
@@ -58,6 +63,11 @@ class LensResult:
         return first
 
     def to_json(self, tokenizer=None) -> dict:
+        """The result as plain lists (``lens.json``'s ``clean`` and ``circuit`` entries).
+
+        Args:
+            tokenizer: decodes ``node_top`` to token strings (None: keep the ids).
+        """
         decode = (lambda ids: [tokenizer.decode([i]) for i in ids]) if tokenizer is not None else (lambda ids: ids)
         return {
             "nodes": self.node_names,
@@ -85,7 +95,18 @@ def _read(engine: Engine, hidden: torch.Tensor, answer: torch.Tensor, k: int):
 @torch.no_grad()
 def logit_lens(engine: Engine, batch: Batch, *, circuit: Circuit | None = None, ablated: torch.Tensor | None = None,
                top_k: int = 10, nodes: bool = True) -> LensResult:
-    """Logit lens at the first answer position of every prompt in ``batch``.
+    """Logit lens at the first answer position of every prompt in ``batch``: where the answer emerges.
+
+    Args:
+        engine: the :class:`~kcircuits.engine.Engine` of the model.
+        batch: the prompt pairs (:class:`~kcircuits.batching.Batch`), on the engine's device.
+        circuit: read the circuit-only (patched) pass instead of the clean run.
+        ablated: with ``circuit``, what patched edges carry (see below).
+        top_k: top tokens kept per node (``node_top``).
+        nodes: compute the per-node lens (False: only the per-layer trace).
+
+    Returns:
+        A :class:`LensResult` on the CPU.
 
     Without ``circuit``: the clean run. With ``circuit``: the patched pass in which edges outside
     the circuit carry ``ablated`` (the corrupted run's source outputs, or None for zero ablation).

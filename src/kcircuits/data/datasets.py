@@ -238,22 +238,24 @@ def _from_mapping(
     )
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, what: str = "dataset file", expect: str = "a .json or .csv file") -> str:
+    """A user's UTF-8 text file (a BOM is dropped), or a one-line error naming ``what`` it should be."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise KcircuitsError(f"dataset file not found: {path}; check the path") from None
+        raise KcircuitsError(f"{what} not found: {path}; check the path") from None
     except IsADirectoryError:
-        raise KcircuitsError(f"dataset path is a directory: {path}; give a .json or .csv file") from None
+        raise KcircuitsError(f"{what} path is a directory: {path}; give {expect}") from None
     except UnicodeDecodeError as e:
         raise KcircuitsError(
             f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8"
         ) from None
     except OSError as e:
-        raise KcircuitsError(f"cannot read dataset file {path}: {e.strerror}; check permissions") from None
+        raise KcircuitsError(f"cannot read {what} {path}: {e.strerror}; check permissions") from None
 
 
-def _parse_json(text: str, where: str) -> object:
+def parse_json(text: str, where: str) -> object:
+    """Parsed JSON, or a one-line error with the line and column of the mistake in ``where``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -271,7 +273,7 @@ def _load_csv(path: Path, templates: list[str] | None) -> RelationDataset:
     repeated facts are collapsed.
     """
     where = str(path)
-    text = _read_text(path)
+    text = read_text(path)
     reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
     header = [h.strip() for h in (reader.fieldnames or []) if h is not None]
     if not header:
@@ -368,7 +370,7 @@ def load_dataset(
         if suffix == ".csv":
             return _load_csv(path, templates)
         where = str(path)
-        raw = _parse_json(_read_text(path), where)
+        raw = parse_json(read_text(path), where)
         return _from_mapping(
             raw, where=where, default_name=path.stem, source=str(path), templates=templates
         )
@@ -381,7 +383,7 @@ def load_dataset(
         )
     entry = _bundled_root().joinpath(f"{name}.json")
     where = f"bundled:{name}"
-    raw = _parse_json(entry.read_text(encoding="utf-8"), where)
+    raw = parse_json(entry.read_text(encoding="utf-8"), where)
     return _from_mapping(raw, where=where, default_name=name, source=where, templates=templates)
 
 

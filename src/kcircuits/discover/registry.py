@@ -11,12 +11,10 @@ This module imports no torch: listing the methods for ``--help`` stays cheap unt
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kcircuits.errors import KcircuitsError
+from kcircuits.registry import Registry
 
 OUTPUTS = ("scores", "circuit")
 
@@ -32,7 +30,8 @@ class DiscoveryMethod:
     resumable: bool = False  # accepts ``resume=`` and ``on_batch=`` (per-batch checkpoints)
 
 
-METHODS: dict[str, DiscoveryMethod] = {}
+REGISTRY: Registry[DiscoveryMethod] = Registry("discovery method", "kcircuits.discover")
+METHODS: dict[str, DiscoveryMethod] = REGISTRY.entries
 
 
 def register(name: str, summary: str, *, output: str = "scores", resumable: bool = False) -> Callable:
@@ -41,32 +40,28 @@ def register(name: str, summary: str, *, output: str = "scores", resumable: bool
         raise ValueError(f"output must be one of {OUTPUTS}")
 
     def wrap(find: Callable) -> Callable:
-        if name in METHODS and METHODS[name].find is not find:
-            raise ValueError(f"discovery method {name!r} is registered twice")
-        METHODS[name] = DiscoveryMethod(name, summary, find, output, resumable)
+        REGISTRY.add(name, DiscoveryMethod(name, summary, find, output, resumable), find)
         return find
 
     return wrap
 
 
-_loaded = False
-
-
 def load_all() -> dict[str, DiscoveryMethod]:
     """Import every module of :mod:`kcircuits.discover` (each registers its methods) and return the registry."""
-    global _loaded
-    if not _loaded:
-        import kcircuits.discover as pkg
+    return REGISTRY.load_all()
 
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if mod.name != "registry":
-                importlib.import_module(f"kcircuits.discover.{mod.name}")
-        _loaded = True
-    return METHODS
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, without importing them (and torch) until one runs (see
+    :meth:`kcircuits.registry.Registry.names`)."""
+    return REGISTRY.names()
+
+
+def declared_method_names() -> tuple[str, ...]:
+    """The names in the literal ``@register("name", ...)`` calls of the method modules' source."""
+    return REGISTRY.declared_names()
 
 
 def get_method(name: str) -> DiscoveryMethod:
-    methods = load_all()
-    if name not in methods:
-        raise KcircuitsError(f"unknown discovery method {name!r}: use one of {', '.join(methods)}")
-    return methods[name]
+    """The method ``name``, or a one-line error listing the registered ones."""
+    return REGISTRY.get(name)

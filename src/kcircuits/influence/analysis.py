@@ -86,6 +86,7 @@ class PowerLawFit:
     lognormal_p: float | None = None
 
     def to_json(self) -> dict:
+        """Every field, as a plain dict (the ``power_law`` entry of ``influence.json``)."""
         return asdict(self)
 
 

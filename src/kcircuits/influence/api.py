@@ -82,19 +82,46 @@ class Data:
 
 @dataclass
 class FitOutput:
+    """What :func:`fit` produced; everything is also in ``folder``.
+
+    Attributes:
+        folder: the fit run folder (``config.json``, ``fit.json``, ``factors/``, ``report.html``);
+            pass it as ``factors=`` to :func:`score`.
+        factors: the fitted :class:`~kcircuits.influence.factors.Factors`.
+        info: the contents of ``fit.json``: ``strategy``, ``fisher``, ``n_sequences``, ``n_tokens``,
+            ``modules``, ``fit_s`` (seconds).
+        report: (property) the path of ``report.html``.
+    """
+
     folder: Path
     factors: Any  # kcircuits.influence.factors.Factors
     info: dict
 
     @property
     def report(self) -> Path:
+        """The path of the run's ``report.html``."""
         return self.folder / "report.html"
 
 
 @dataclass
 class ScoreOutput:
-    """``total`` ``[n_query, n_candidates]`` aligned with ``train_index`` ``[n_candidates]`` (indices into
-    the corpus; all of it unless a BM25 pre-filter was used); ``results`` = influence.json."""
+    """What :func:`score` produced; everything is also in ``folder``.
+
+    Positive scores: upweighting the training sequence makes the completion more likely.
+
+    Attributes:
+        folder: the score run folder (``scores.safetensors``, ``influence.json``, ``report.html``).
+        total: influence ``[n_query, n_candidates]``, columns aligned with ``train_index``.
+        train_index: ``[n_candidates]`` indices into the corpus of the scored sequences (all of it
+            unless a BM25 pre-filter, ``bm25_candidates``, was used).
+        results: the contents of ``influence.json``: per query its top sequences (with their most
+            influential tokens), the power-law tail, recall of known sources; ``by_layer`` and
+            ``by_component`` when computed.
+        parts: every tensor of ``scores.safetensors`` by name: ``total``, ``layer.<l>`` and
+            ``component.<node>`` ``[n_query, n_candidates]``, ``per_token`` ``[n_query, n_candidates, T]``
+            when kept, ``train_self`` ``[n_candidates]`` with ``normalize="relative"``, ``train_index``.
+        report: (property) the path of ``report.html``.
+    """
 
     folder: Path
     total: torch.Tensor
@@ -104,6 +131,7 @@ class ScoreOutput:
 
     @property
     def report(self) -> Path:
+        """The path of the run's ``report.html``."""
         return self.folder / "report.html"
 
 
@@ -131,7 +159,11 @@ def _tokenise(read: tuple, lm: LoadedModel, max_length: int) -> Data:
 
 
 def circuit_components(circuit: str | Path) -> list[str]:
-    """The head and MLP nodes (``"a3.h2"``, ``"m5"``) of a ``circuit.json`` or a discover run folder."""
+    """The head and MLP nodes (``"a3.h2"``, ``"m5"``) of a ``circuit.json`` or a discover run folder.
+
+    Args:
+        circuit: the ``circuit.json`` path, or a discover run folder holding one.
+    """
     path = Path(circuit)
     path = path / "circuit.json" if path.is_dir() else path
     if not path.exists():
@@ -205,6 +237,19 @@ def fit(model: str | LoadedModel = "smollm2-135m", corpus: str | Path | Sequence
     ``runs/influence-fit_<corpus>_<model>_<strategy>_<hash>``, the hash covering the settings, the
     corpus' fingerprint and the weights' fingerprint.
 
+    Args:
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        corpus: the training corpus: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``
+            file (``{"text": ..., "id"?: ...}`` per line), a folder of those, or
+            :class:`~kcircuits.influence.sequences.Sequences`.
+        out: the run folder (default as above).
+        settings: a :class:`~kcircuits.influence.settings.FitSettings` (fields listed below), or pass
+            its fields by name.
+        progress: show progress bars.
+
+    Returns:
+        :class:`FitOutput`: the folder, the factors and the fit's summary.
+
     Settings (each also accepted by field name, e.g. ``fit(..., strategy="kfac", max_length=128)``):
 
     """
@@ -259,6 +304,11 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
     (the model's and each checkpoint's); a rerun reuses the scores.
 
     Args:
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        queries: a ``.jsonl`` file of ``{"prompt": ..., "completion": ..., "id"?: ..., "sources"?: [...]}``
+            (``sources``: corpus ids known to teach the fact, for recall), or
+            :class:`~kcircuits.influence.sequences.Sequences` built with ``Sequences.from_pairs``.
+        corpus: the training corpus, as for :func:`fit`.
         factors: a ``fit`` run folder (or its ``factors/``), fitted on these very weights (else an
             error); None fits them here on the whole corpus (``ekfac``/``kfac``/``diagonal``), into
             ``<out>/factors/`` (resumable).
@@ -269,7 +319,14 @@ def score(model: str | LoadedModel = "smollm2-135m", queries: str | Path | Seque
             only): TracIn-CP's sum over checkpoints. Why: a fact the final model has memorised
             gives its sources a vanishing loss gradient, so they are invisible at the final
             parameters but not at the checkpoints where the fact was being learned.
+        out: the run folder (default as above).
+        settings: a :class:`~kcircuits.influence.settings.ScoreSettings` (fields listed below), or pass
+            its fields by name.
+        progress: show progress bars.
         lissa: the older form of the ``lissa_*`` settings, e.g. ``lissa={"depth": 10}``.
+
+    Returns:
+        :class:`ScoreOutput`: the folder, the scores and the contents of ``influence.json``.
 
     Settings (each also accepted by field name, e.g. ``score(..., strategy="identity", top_k=5)``). In
     short: ``damping`` a float (absolute λ) or ``"heuristic"``; ``query_rank`` the rank of the

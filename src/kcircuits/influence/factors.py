@@ -48,10 +48,20 @@ _PASSES = {"identity": [], "diagonal": ["diagonal"], "kfac": ["covariance"], "ek
 
 @dataclass
 class Factors:
-    """Fitted curvature. ``tensors[module]`` holds (depending on ``strategy``): ``A`` ``[d_in, d_in]``,
-    ``S`` ``[d_out, d_out]``, ``QA``, ``QS`` (eigenvectors as columns), ``eA`` ``[d_in]``, ``eS``
-    ``[d_out]``, ``lambda`` ``[d_out, d_in]`` (EK-FAC), ``diag`` ``[d_out, d_in]`` (diagonal); float64.
-    ``n_tokens``: non-padding tokens seen; ``config``: everything that identifies the fit."""
+    """Fitted curvature: what :func:`fit_factors` returns and ``FitOutput.factors`` holds.
+
+    Attributes:
+        strategy: ``ekfac``, ``kfac``, ``diagonal`` or ``identity``.
+        fisher: labels of the pseudo-loss: ``true`` (sampled from the model) or ``empirical`` (the data's).
+        modules: names of the tracked linear modules.
+        n_tokens: non-padding tokens seen.
+        n_sequences: training sequences seen.
+        shapes: per module its gradient-matrix shape ``(d_out, d_in)`` (``d_in`` counts a bias as one more column).
+        tensors: per module (depending on ``strategy``): ``A`` ``[d_in, d_in]``, ``S`` ``[d_out, d_out]``,
+            ``QA``, ``QS`` (eigenvectors as columns), ``eA`` ``[d_in]``, ``eS`` ``[d_out]``, ``lambda``
+            ``[d_out, d_in]`` (EK-FAC), ``diag`` ``[d_out, d_in]`` (diagonal); float64.
+        config: everything that identifies the fit (including the weights' fingerprint).
+    """
 
     strategy: str
     fisher: str
@@ -63,7 +73,8 @@ class Factors:
     config: dict = field(default_factory=dict)
 
     def eigenvalues(self, name: str, kind: str) -> torch.Tensor:
-        """``[d_out, d_in]`` curvature eigenvalues of module ``name`` for a ``kind`` preconditioner."""
+        """``[d_out, d_in]`` curvature eigenvalues of module ``name`` for a ``kind`` preconditioner
+        (``ekfac``, ``kfac`` or ``diagonal``; the factors must have been fitted for it)."""
         t = self.tensors.get(name, {})
         if kind == "ekfac" and "lambda" in t:
             return t["lambda"]
@@ -75,6 +86,7 @@ class Factors:
                              f"fit them with strategy={kind!r} (ekfac factors also serve kfac)")
 
     def save(self, folder: str | Path) -> None:
+        """Write ``factors.safetensors`` and ``factors.json`` into ``folder`` (atomically)."""
         folder = Path(folder)
         flat = {f"{m}::{k}": v for m, kinds in self.tensors.items() for k, v in kinds.items()}
         atomic_save_tensors(folder / "factors.safetensors", flat)
@@ -84,6 +96,7 @@ class Factors:
 
     @classmethod
     def load(cls, folder: str | Path) -> Factors:
+        """The factors :meth:`save` (or a fit) wrote into ``folder``."""
         folder = Path(folder)
         if not (folder / "factors.json").exists():
             raise KcircuitsError(f"no fitted factors in {folder}; run the factor fit first (fit_factors / "

@@ -53,10 +53,25 @@ from kcircuits.io import atomic_save_tensors, load_tensors
 
 @dataclass
 class InfluenceScores:
-    """``total`` ``[n_query, n_train]``; optional ``per_layer`` {layer: [n_query, n_train]},
-    ``per_token`` ``[n_query, n_train, T_train]``, ``per_component`` {node: [n_query, n_train]};
-    ``train_self`` ``[n_train]``: the training sequences' self-influence the scores were divided by
-    (its square root) when ``normalize == "relative"``."""
+    """What :func:`pairwise_scores` returns: the influence of every training sequence on every query.
+
+    Positive = upweighting the training sequence makes the query's completion more likely.
+
+    Attributes:
+        total: ``[n_query, n_train]`` influence summed over the tracked modules.
+        per_layer: ``{layer: [n_query, n_train]}`` (with ``per_layer=True``), else None.
+        per_token: ``[n_query, n_train, T_train]`` per training token (with ``per_token=True``), else None.
+        per_component: ``{node: [n_query, n_train]}`` per head/MLP node such as ``a3.h2``, ``m5`` (with
+            ``components``), else None.
+        damping: the damping λ actually used, per module name.
+        strategy: the inverse-Hessian approximation (``ekfac``, ``kfac``, ``diagonal``, ``identity``,
+            ``lissa``, ``exact``).
+        normalize: ``"relative"`` when the scores were divided by ``√`` of each training sequence's
+            self-influence (RelatIF), else None.
+        train_self: ``[n_train]`` the self-influence used by ``normalize="relative"``, else None.
+        solver: what an adaptive solver settled on (LiSSA: ``lissa_scale``, ``lissa_retries``); else empty.
+        measurement: the query function: ``"logprob"`` or ``"margin"``.
+    """
 
     total: torch.Tensor
     per_layer: dict[int, torch.Tensor] | None
@@ -70,6 +85,7 @@ class InfluenceScores:
     measurement: str = "logprob"
 
     def save(self, folder: str | Path) -> None:
+        """Write ``<folder>/influence_scores.safetensors`` (every tensor, the rest as metadata)."""
         tensors = {"total": self.total}
         tensors.update({f"layer/{k}": v for k, v in (self.per_layer or {}).items()})
         tensors.update({f"component/{k}": v for k, v in (self.per_component or {}).items()})
@@ -84,6 +100,7 @@ class InfluenceScores:
 
     @classmethod
     def load(cls, folder: str | Path) -> InfluenceScores:
+        """The scores :meth:`save` wrote into ``folder`` (``solver`` is not stored)."""
         from safetensors import safe_open
 
         path = Path(folder) / "influence_scores.safetensors"

@@ -56,13 +56,15 @@ class Sequences:
         return self.loss_mask.sum(1)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> Sequences:
+        """The sequences at ``index`` (in that order), without the columns that are padding in all of them."""
         idx = torch.as_tensor(index, dtype=torch.long)
         keep = int(self.attention_mask[idx].sum(1).max())  # drop columns that are padding everywhere
         return Sequences(self.input_ids[idx, :keep], self.attention_mask[idx, :keep], self.loss_mask[idx, :keep],
                          [self.texts[i] for i in idx.tolist()], [self.prompt_lengths[i] for i in idx.tolist()])
 
     def batches(self, batch_size: int) -> Iterator[tuple[range, Sequences]]:
-        """Consecutive slices: ``(indices, sub-Sequences)``; padding trimmed per batch."""
+        """Consecutive slices of ``batch_size`` sequences: ``(indices, sub-Sequences)``; padding trimmed per
+        batch."""
         if batch_size < 1:
             raise KcircuitsError("batch size must be >= 1")
         for start in range(0, len(self), batch_size):
@@ -70,6 +72,7 @@ class Sequences:
             yield rows, self.subset(list(rows))
 
     def to(self, device: torch.device | str) -> Sequences:
+        """A copy with the tensors on ``device``."""
         return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
                          self.texts, self.prompt_lengths)
 
@@ -77,7 +80,14 @@ class Sequences:
     @classmethod
     def from_texts(cls, tokenizer, texts: Sequence[str], max_length: int = 256,
                    pad_id: int | None = None) -> Sequences:
-        """Training documents: every token after the first is scored; longer texts are truncated."""
+        """Training documents: every token after the first is scored.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer (no special tokens are added).
+            texts: the documents.
+            max_length: tokens kept per document (longer ones are truncated).
+            pad_id: the padding token (default: the tokenizer's pad, else EOS, else 0).
+        """
         return cls.from_pairs(tokenizer, ["" for _ in texts], list(texts), max_length, pad_id)
 
     @classmethod
@@ -88,6 +98,13 @@ class Sequences:
         The prompt and completion are tokenised separately and concatenated, so the scored tokens
         are exactly the completion's tokens (no merge across the boundary). An empty prompt means a
         training document (its first token cannot be predicted and is not scored).
+
+        Args:
+            tokenizer: a Hugging Face tokenizer (no special tokens are added).
+            prompts: the queries' prompts.
+            completions: their completions, one per prompt, each non-empty (e.g. ``" Paris"``).
+            max_length: tokens kept per sequence (prompt and completion together).
+            pad_id: the padding token (default: the tokenizer's pad, else EOS, else 0).
         """
         if len(prompts) != len(completions):
             raise KcircuitsError(f"{len(prompts)} prompts for {len(completions)} completions")

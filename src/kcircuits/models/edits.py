@@ -59,7 +59,16 @@ def _refresh(hf: torch.nn.Module) -> None:
 def edited(model: M, deltas: Mapping[str, torch.Tensor]) -> Iterator[M]:
     """Add ``deltas`` to the model's parameters inside the block; restore the exact bytes after.
 
-    ``model``: a :class:`~kcircuits.models.LoadedModel` or an HF module; it is yielded back.
+    Use it to compare an edited model with the original in one process, without a second copy::
+
+        with edited(lm, {"model.layers.3.mlp.down_proj.weight": delta}):
+            kcircuits.discover("country_capital", lm)
+
+    Args:
+        model: a :class:`~kcircuits.models.LoadedModel` or an HF module; it is yielded back.
+        deltas: ``{param_name: Δ}``, names as in ``named_parameters()`` (a tied weight by any one of
+            its names), each Δ of the parameter's shape (any dtype and device).
+
     The sum is formed in the wider of the two dtypes and rounded once to the parameter's dtype
     (a float32 delta on a bf16 model is not rounded before it is added). Restoring happens on
     normal exit and on an exception inside the block. Nested edits restore in reverse order.
@@ -87,8 +96,15 @@ def edited(model: M, deltas: Mapping[str, torch.Tensor]) -> Iterator[M]:
 
 def save_delta(path: str | os.PathLike, deltas: Mapping[str, torch.Tensor], *, base_fingerprint: str | None = None,
                metadata: Mapping[str, str] | None = None) -> None:
-    """Write deltas as one safetensors file (atomically). ``base_fingerprint``: the fingerprint of
-    the model they apply to (recorded so a mismatch can be caught on load)."""
+    """Write deltas as one safetensors file (atomically), to share an edit or apply it later.
+
+    Args:
+        path: the ``.safetensors`` file written.
+        deltas: ``{param_name: Δ}`` as :func:`edited` takes them (stored on the CPU).
+        base_fingerprint: the fingerprint of the model they apply to (``LoadedModel.fingerprint``),
+            recorded so a mismatch can be caught on load.
+        metadata: more string metadata to record (read back by :func:`delta_metadata`).
+    """
     meta = {"format": FORMAT, **(metadata or {})}
     if base_fingerprint is not None:
         meta["base_fingerprint"] = base_fingerprint
@@ -97,12 +113,20 @@ def save_delta(path: str | os.PathLike, deltas: Mapping[str, torch.Tensor], *, b
 
 
 def load_delta(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The deltas :func:`save_delta` wrote, by parameter name (on the CPU)."""
+    """The deltas :func:`save_delta` wrote, by parameter name (on the CPU), ready for :func:`edited`.
+
+    Args:
+        path: a file written by :func:`save_delta`.
+    """
     return load_tensors(path)
 
 
 def delta_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata :func:`save_delta` recorded (``format``, ``base_fingerprint`` if given, ...)."""
+    """The metadata :func:`save_delta` recorded (``format``, ``base_fingerprint`` if given, ...).
+
+    Args:
+        path: a file written by :func:`save_delta`.
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:

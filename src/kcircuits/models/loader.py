@@ -46,9 +46,21 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class LoadedModel:
     """A model ready for the engine: uniform weights, the tokenizer, and the HF model they view.
 
-    ``layout`` says which parameter blocks belong to which component (built from ``hf_model`` when
-    not given); :attr:`fingerprint` hashes the weights actually used (see
-    :func:`kcircuits.models.fingerprint.weights_fingerprint`).
+    What :func:`load_model` and :func:`from_hf` return, and what every API function accepts as
+    ``model``. :attr:`fingerprint` hashes the weights actually used (see
+    :func:`kcircuits.models.fingerprint.weights_fingerprint`), so an edited model never reuses
+    another's results.
+
+    Attributes:
+        name: the name or folder it was loaded from (``"custom"`` for a wrapped module).
+        weights: the engine's per-layer view of the parameters
+            (:class:`~kcircuits.models.weights.ModelWeights`).
+        tokenizer: the Hugging Face tokenizer (None when wrapped without one).
+        hf_model: the Hugging Face ``torch.nn.Module`` whose parameters ``weights`` view.
+        device: the device the parameters are on.
+        dtype: the parameters' dtype.
+        layout: which parameter blocks belong to which component (built from ``hf_model`` when
+            not given; :class:`~kcircuits.models.layout.ParameterLayout`).
     """
 
     name: str
@@ -65,6 +77,7 @@ class LoadedModel:
 
     @property
     def config(self):
+        """The Hugging Face config of ``hf_model`` (layers, heads, vocabulary size, ...)."""
         return self.hf_model.config
 
     @property
@@ -76,6 +89,7 @@ class LoadedModel:
 
     @property
     def pad_token_id(self) -> int:
+        """The token id batches are padded with: the tokenizer's pad token, else its EOS token, else 0."""
         tok = self.tokenizer
         for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
             if candidate is not None:
@@ -84,7 +98,8 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    """The user cache folder kcircuits writes converted models into."""
+    """The user cache folder kcircuits writes converted models into: ``$KCIRCUITS_CACHE``, else
+    ``$XDG_CACHE_HOME/kcircuits``, else ``~/.cache/kcircuits``."""
     if os.environ.get("KCIRCUITS_CACHE"):
         return Path(os.environ["KCIRCUITS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -198,13 +213,21 @@ def load_model(
     *,
     local_files_only: bool | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and adapt it for the engine.
+    """Load a causal LM and adapt it for the engine (any supported family: ``kcircuits models`` lists them).
+
+    The model is put in eval mode with ``requires_grad`` off. A model that cannot be loaded raises a
+    one-line :class:`~kcircuits.errors.KcircuitsError` that keeps the real cause.
 
     Args:
-        name_or_path: ``"smollm2-135m"``, a local HF folder, or a hub id.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        dtype: ``"float32"`` (default, what every verification uses) or ``"bfloat16"``/``"float16"``.
+        name_or_path: ``"smollm2-135m"`` (bundled, converted once into :func:`cache_root`), a local
+            HF folder (``save_pretrained`` output), or a hub id.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when available; None means auto).
+        dtype: ``"float32"`` (default, what every verification uses) or ``"bfloat16"``/``"float16"``
+            (or a ``torch.dtype``).
         local_files_only: never touch the network (default: only if ``HF_HUB_OFFLINE`` is set).
+
+    Returns:
+        The :class:`LoadedModel`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -242,7 +265,15 @@ def load_model(
 
 
 def from_hf(hf_model: torch.nn.Module, tokenizer=None, name: str = "custom") -> LoadedModel:
-    """Wrap an already loaded HF model (for example a tiny random one in tests).
+    """Wrap an already loaded HF model (for example a tiny random one in tests) as a :class:`LoadedModel`.
+
+    Args:
+        hf_model: a Hugging Face causal LM of a supported family, on any device and dtype.
+        tokenizer: its tokenizer (None: no prompts can be built, only tensors run).
+        name: the name recorded in run folders.
+
+    Returns:
+        The :class:`LoadedModel` viewing ``hf_model``'s parameters (no copy).
 
     The caller's model is left exactly as it was: its ``requires_grad`` flags, its train/eval mode
     and its parameters. Nothing here needs them changed: the engine runs its own functional forward
@@ -258,7 +289,11 @@ def from_hf(hf_model: torch.nn.Module, tokenizer=None, name: str = "custom") -> 
 
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``module`` in eval mode (no dropout) and restore every submodule's own mode on exit."""
+    """Run ``module`` in eval mode (no dropout) and restore every submodule's own mode on exit.
+
+    Args:
+        module: any ``torch.nn.Module`` (e.g. ``LoadedModel.hf_model``); it is yielded back.
+    """
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

@@ -9,6 +9,7 @@ The modules form a one-way stack, each importing only those before it:
 - :mod:`~kcircuits.report.viewer`: the interactive viewer's payload and HTML
 - :mod:`~kcircuits.report.core_sections`, :mod:`~kcircuits.report.explain_sections`,
   :mod:`~kcircuits.report.influence_section`: the page's sections
+- :mod:`~kcircuits.report.heatmap`: the SVG heatmap and the causal-tracing section drawn with it
 - :mod:`~kcircuits.report.html`: the page order (``PAGE``) and the page itself
 """
 

@@ -9,27 +9,41 @@ report's modules form a one-way stack (base <- svg <- charts <- sections <- html
 Numbers: every number the report prints goes through :func:`fmt_number` (or the helpers built on
 it), which never prints a negative zero: ``-0.0``, or ``-0.0001`` shown with three decimals, reads
 ``0``/``0.000``. A table column of floats is shown with one number of decimals for the whole
-column (:func:`column_formatter`), so the values line up and compare at a glance.
+column (:func:`column_formatter`), so the values line up and compare at a glance; a number in
+running text has the fixed decimals of its kind (:func:`fmt_fixed` with :data:`DECIMALS`).
+
+Tokens: every token the report shows goes through :func:`token_label` (the viewer's script
+follows the same rule), so ``' Lisbon'`` reads the same in every table, caption and panel and its
+leading space, which is part of the token, stays visible.
+
+Small samples: a finding resting on fewer than :data:`SMALL_SAMPLE` prompts carries the warning
+of :func:`sample_warning`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
 
 __all__ = [
-    "PAGE_CSS", "Section", "as_float", "cell", "column_formatter", "escape", "figure", "fmt_number", "fmt_value",
-    "is_num", "kv_table", "records_table", "section_html",
+    "DECIMALS", "PAGE_CSS", "SMALL_SAMPLE", "Section", "as_float", "cell", "column_formatter", "escape", "figure",
+    "fmt_fixed", "fmt_number", "fmt_value", "is_num", "kv_table", "records_table", "sample_note_html",
+    "sample_warning", "section_html", "token_label",
 ]
 
 #: Significant digits of a table value; a float column gets the decimals its largest value needs for these.
 SIGNIFICANT = 4
 #: Largest number of decimals a fixed-point table column gets; smaller magnitudes switch to scientific notation.
 MAX_DECIMALS = 4
+#: Decimals of a number in running text, by what it measures: probabilities and attention shares
+#: need three to tell 0.004 from 0.0; scores, z-scores and faithfulness are read to two or three.
+DECIMALS = {"prob": 3, "share": 2, "score": 3, "z": 1, "faithfulness": 3}
+#: Fewer prompts than this under a finding and the report says the sample is small.
+SMALL_SAMPLE = 5
 
 PAGE_CSS = """
 :root{color-scheme:light}
@@ -58,6 +72,7 @@ pre{background:#f6f8fa;border:1px solid #e5e7eb;border-radius:4px;padding:12px;o
  font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.92em}
 svg{display:block}
+.tok{white-space:pre;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.92em}
 """
 
 
@@ -89,6 +104,16 @@ def fmt_number(v: float, spec: str = ".4g") -> str:
     if s.startswith("-") and not any(c in "123456789" for c in s[1:].split("e")[0]):
         return s[1:]
     return s
+
+
+def fmt_fixed(v: Any, kind_or_decimals: str | int = 3) -> str:
+    """A number in running text with the fixed decimals of its kind (a key of :data:`DECIMALS`) or
+    the given count; "n/a" for None, NaN and non-numbers, and never a negative zero."""
+    f = as_float(v)
+    if f is None:
+        return "n/a"
+    decimals = DECIMALS[kind_or_decimals] if isinstance(kind_or_decimals, str) else int(kind_or_decimals)
+    return fmt_number(f, f".{decimals}f")
 
 
 def fmt_value(v: Any) -> str:
@@ -137,6 +162,36 @@ def column_formatter(values: Sequence[Any]) -> Callable[[Any], str]:
     return fmt
 
 
+# --------------------------------------------------------------------------- tokens and samples
+_VISIBLE_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def token_label(token: Any) -> str:
+    """A token as the report shows it: in single quotes with its leading space kept (``' Lisbon'``),
+    and a newline or tab written ``\\n``/``\\t`` so it does not vanish or break a table row.
+
+    A tokenizer's " Lisbon" and "Lisbon" are different tokens; stripping the space in one place and
+    not in another made the same answer look like two. viewer.js's ``showTok`` applies the same rule.
+    """
+    return "'" + str(token).translate(_VISIBLE_ESCAPES) + "'"
+
+
+def sample_warning(n_prompts: Any) -> str:
+    """The warning ("small sample: n prompts, ...") for a finding that rests on fewer than
+    :data:`SMALL_SAMPLE` prompts, else "": a median over three prompts reads like a result but is
+    mostly noise."""
+    if not is_num(n_prompts) or n_prompts >= SMALL_SAMPLE:
+        return ""
+    n = int(n_prompts)
+    return f"small sample: {n} prompt{'' if n == 1 else 's'}, read with care"
+
+
+def sample_note_html(n_prompts: Any) -> str:
+    """:func:`sample_warning` as a highlighted note to append to a finding or caption ("" when none)."""
+    text = sample_warning(n_prompts)
+    return f' <span class="note small-sample">({escape(text)})</span>' if text else ""
+
+
 # --------------------------------------------------------------------------- HTML building blocks
 def cell(v: Any, text: str | None = None) -> str:
     """A ``<td>`` with ``text`` (default :func:`fmt_value`), escaped; numbers right-aligned."""
@@ -145,23 +200,41 @@ def cell(v: Any, text: str | None = None) -> str:
 
 
 def kv_table(d: Mapping[str, Any]) -> str:
-    """Two-column key/value table (the summary and the skip counts); each value formatted on its own."""
-    rows = "".join(f"<tr><th>{escape(str(k))}</th>{cell(v)}</tr>" for k, v in d.items())
+    """Two-column key/value table (the summary and the skip counts). Its floats share one format
+    (:func:`column_formatter`), so a faithfulness of 0.8548 is not followed by a random baseline of
+    "0" (rounded) and one of "0.0001"; ints and text print as they are."""
+    fmt = column_formatter([v for v in d.values() if isinstance(v, float)])
+    rows = "".join(f"<tr><th>{escape(str(k))}</th>{cell(v, fmt(v) if isinstance(v, float) else None)}</tr>"
+                   for k, v in d.items())
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
-def records_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def records_table(rows: Sequence[Mapping[str, Any]], formats: Mapping[str, Callable[[Any], str]] | None = None,
+                  token_cols: Collection[str] = ()) -> str:
     """Table from a list of dicts; columns are the union of keys in first-seen order, so rows
     produced by different code paths (a missing metric, say) still line up. Each column's numbers
-    share one format (:func:`column_formatter`)."""
+    share one format (:func:`column_formatter`) unless ``formats`` gives the column its own (a
+    probability with :func:`fmt_fixed`, say). Cells of ``token_cols`` hold token labels: they keep
+    their spaces and never wrap, so ``' Lisbon'`` cannot break after its opening quote."""
     cols: list[str] = []
     for r in rows:
         cols += [str(k) for k in r if str(k) not in cols]
     table = [[_get(r, c) for c in cols] for r in rows]
-    fmts = [column_formatter([row[j] for row in table]) for j in range(len(cols))]
+    fmts = [_numbers_only(formats[c]) if formats and c in formats else column_formatter([row[j] for row in table])
+            for j, c in enumerate(cols)]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(cell(v, f(v)) for v, f in zip(row, fmts, strict=True)) + "</tr>" for row in table)
+    body = "".join("<tr>" + "".join(_token_cell(v) if c in token_cols else cell(v, f(v))
+                                    for v, f, c in zip(row, fmts, cols, strict=True)) + "</tr>" for row in table)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _numbers_only(fmt: Callable[[Any], str]) -> Callable[[Any], str]:
+    """A column's own number format, with the table's usual text for None, NaN and non-numbers."""
+    return lambda v: fmt(v) if is_num(v) and math.isfinite(v) else fmt_value(v)
+
+
+def _token_cell(v: Any) -> str:
+    return f'<td class="tok">{escape(fmt_value(v))}</td>'
 
 
 def _get(r: Mapping[str, Any], col: str) -> Any:

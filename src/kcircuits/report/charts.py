@@ -22,7 +22,7 @@ from typing import Any
 from kcircuits.report.base import as_float, fmt_number
 from kcircuits.report.svg import fmt, nice_step, polyline, segments, svg_open
 
-__all__ = ["PALETTE", "curve_svg", "heat_table", "line_svg"]
+__all__ = ["PALETTE", "bar_svg", "curve_svg", "heat_table", "line_svg"]
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#4b5563")
 _STYLE = (".kc-line text{fill:#374151}.kc-line .lbl{font-size:11.5px}.kc-line .sm{font-size:10.5px;fill:#4b5563}"
@@ -245,35 +245,53 @@ def _band_shape(run: list[tuple[float, float, float]], colour: str, sx: Callable
 def _axes(chart: Mapping[str, Any], x_axis: _Axis, y_axis: _Axis, xs: Sequence[float | None], unit: str,
           w: float, h: float, top: float) -> list[str]:
     """Grid, tick labels (x labels thinned where they would collide), axis lines and titles."""
-    out = []
-    x_lo, x_hi, y_lo = _LEFT, w - _RIGHT, h - _BOTTOM
-    for t in y_axis.ticks:
-        y = y_axis.px(t)
-        out.append(f'<line class="grid" x1="{fmt(x_lo)}" y1="{fmt(y)}" x2="{fmt(x_hi)}" y2="{fmt(y)}"/>')
-        out.append(f'<text class="sm" x="{fmt(x_lo - 6)}" y="{fmt(y + 3.5)}" text-anchor="end">'
-                   f"{escape(_tick_text(t))}</text>")
+    y_lo = h - _BOTTOM
+    out = _y_marks(y_axis, w)
     ticks = x_axis.ticks
     if not x_axis.log and all(x is None or float(x).is_integer() for x in xs):  # layers, k: whole numbers only
         ticks = [t for t in ticks if float(t).is_integer()] or [x_axis.lo, x_axis.hi]
-    last = -1e9
-    for t in ticks:
-        x = x_axis.px(t)
-        if x_axis.log:  # log axes get vertical grid lines: the decades are the scale
-            out.append(f'<line class="grid" x1="{fmt(x)}" y1="{fmt(top)}" x2="{fmt(x)}" y2="{fmt(y_lo)}"/>')
-        label = _tick_text(t, unit)
+    if x_axis.log:  # log axes get vertical grid lines: the decades are the scale
+        out += [f'<line class="grid" x1="{fmt(x_axis.px(t))}" y1="{fmt(top)}" x2="{fmt(x_axis.px(t))}" '
+                f'y2="{fmt(y_lo)}"/>' for t in ticks]
+    out += _x_labels([(x_axis.px(t), _tick_text(t, unit)) for t in ticks], y_lo)
+    out += _frame(chart, x_axis.log, y_axis.log, w, h, top)
+    return out
+
+
+def _y_marks(y_axis: _Axis, w: float) -> list[str]:
+    """Horizontal grid lines and their value labels at every y tick."""
+    out = []
+    for t in y_axis.ticks:
+        y = y_axis.px(t)
+        out.append(f'<line class="grid" x1="{fmt(_LEFT)}" y1="{fmt(y)}" x2="{fmt(w - _RIGHT)}" y2="{fmt(y)}"/>')
+        out.append(f'<text class="sm" x="{fmt(_LEFT - 6)}" y="{fmt(y + 3.5)}" text-anchor="end">'
+                   f"{escape(_tick_text(t))}</text>")
+    return out
+
+
+def _x_labels(marks: Sequence[tuple[float, str]], y_lo: float) -> list[str]:
+    """Tick marks and labels under the x axis at (pixel, text), left to right; a label that would
+    run into the previous one is left out (with its tick), so crowded axes stay legible."""
+    out, last = [], -1e9
+    for x, label in marks:
         if x - last >= _CHAR_W * len(label) + 6:
             out.append(f'<line class="ax" x1="{fmt(x)}" y1="{fmt(y_lo)}" x2="{fmt(x)}" y2="{fmt(y_lo + 4)}"/>')
             out.append(f'<text class="sm" x="{fmt(x)}" y="{fmt(y_lo + 16)}" text-anchor="middle">'
                        f"{escape(label)}</text>")
             last = x
-    out.append(f'<path class="ax" d="M{fmt(x_lo)} {fmt(top)}V{fmt(y_lo)}H{fmt(x_hi)}" fill="none"/>')
-    x_label = _axis_title(str(chart.get("x_label", "")), x_axis.log)
-    y_label = _axis_title(str(chart.get("y_label", "")), y_axis.log)
-    out.append(f'<text class="lbl" x="{fmt((x_lo + x_hi) / 2)}" y="{fmt(h - 8)}" text-anchor="middle">'
-               f"{escape(x_label)}</text>")
-    out.append(f'<text class="lbl" transform="translate(14 {fmt((top + y_lo) / 2)}) rotate(-90)" '
-               f'text-anchor="middle">{escape(y_label)}</text>')
     return out
+
+
+def _frame(chart: Mapping[str, Any], log_x: bool, log_y: bool, w: float, h: float, top: float) -> list[str]:
+    """The two axis lines and the axis titles."""
+    x_lo, x_hi, y_lo = _LEFT, w - _RIGHT, h - _BOTTOM
+    x_label = _axis_title(str(chart.get("x_label", "")), log_x)
+    y_label = _axis_title(str(chart.get("y_label", "")), log_y)
+    return [f'<path class="ax" d="M{fmt(x_lo)} {fmt(top)}V{fmt(y_lo)}H{fmt(x_hi)}" fill="none"/>',
+            f'<text class="lbl" x="{fmt((x_lo + x_hi) / 2)}" y="{fmt(h - 8)}" text-anchor="middle">'
+            f"{escape(x_label)}</text>",
+            f'<text class="lbl" transform="translate(14 {fmt((top + y_lo) / 2)}) rotate(-90)" '
+            f'text-anchor="middle">{escape(y_label)}</text>']
 
 
 def _axis_title(label: str, log: bool) -> str:
@@ -308,11 +326,21 @@ def _legend(drawn: Sequence[_Series], bands: Mapping[str, list], hlines: Sequenc
     for s in drawn:
         items.append((f'<line x1="0" y1="-4" x2="20" y2="-4" {_stroke(s.colour, s.width, s.dash)}/>', s.label))
         if bands.get(s.label):
-            items.append((f'<rect x="0" y="-9" width="20" height="10" fill="{escape(s.colour)}" fill-opacity=".25"/>',
-                          s.band_label or f"{s.label} band"))
+            items.append((_swatch(s.colour, ".25"), s.band_label or f"{s.label} band"))
     for hl in hlines:
         if hl.label:
             items.append((f'<line x1="0" y1="-4" x2="20" y2="-4" {_stroke(hl.colour, 1.0, hl.dash)}/>', hl.label))
+    return _legend_rows(items, w)
+
+
+def _swatch(colour: str, opacity: str = "1") -> str:
+    """A filled legend sample: a band's area or a bar series."""
+    return f'<rect x="0" y="-9" width="20" height="10" fill="{escape(colour)}" fill-opacity="{opacity}"/>'
+
+
+def _legend_rows(items: Sequence[tuple[str, str]], w: float) -> tuple[list[str], float]:
+    """Lay out (sample, label) legend entries in rows across the top; returns the SVG and the
+    plot's top edge below the last row."""
     out, x, row = [], _LEFT + 4, 0
     for sample, label in items:
         width = 40 + _CHAR_W * len(label)
@@ -322,6 +350,59 @@ def _legend(drawn: Sequence[_Series], bands: Mapping[str, list], hlines: Sequenc
                    f'<text class="lbl" x="25" y="0">{escape(label)}</text></g>')
         x += width
     return out, _TOP + row * _LEGEND_ROW
+
+
+# --------------------------------------------------------------------------- bar chart
+def bar_svg(chart: Mapping[str, Any], w: float = 720.0, h: float = 300.0) -> str:
+    """A bar chart as standalone SVG, for counts over categories (a histogram over layers, say),
+    where a line would suggest values between the categories that do not exist.
+
+    ``chart`` takes the keys of :func:`line_svg` that make sense for bars: ``x`` (the categories,
+    any values, printed as labels), ``series`` (``{label: [count, ...]}`` or ``{label: {"y": [...],
+    "colour": "#hex"}}``; several series are drawn side by side in each category), ``x_label``,
+    ``y_label``, ``y_include`` and ``title``. The y axis always starts at 0; a missing value draws
+    no bar. Every bar has a tooltip with its series, category and value.
+    """
+    title = escape(str(chart.get("title", "chart")))
+    cats = list(chart.get("x") or [])
+    series = _parse_series(chart.get("series") or {})
+    values = [y for s in series for y in s.ys[:len(cats)] if y is not None]
+    if not cats or not values:
+        return (svg_open("kc-line kc-bar", w, 60, title) + f"<style>{_STYLE}</style>"
+                '<text class="lbl" x="20" y="34">no data</text></svg>')
+    include = [v for v in (as_float(v) for v in chart.get("y_include") or []) if v is not None]
+    y_axis = _Axis.fit(values + include + [0.0], log=False, nice=True)
+    if all(float(v).is_integer() for v in values):  # counts: no 0.5 prompts on the axis
+        y_axis.ticks = [t for t in y_axis.ticks if float(t).is_integer()]
+    items = [(_swatch(s.colour), s.label) for s in series] if len(series) > 1 else []
+    legend, top = _legend_rows(items, w)
+    y_axis.p_lo, y_axis.p_hi = h - _BOTTOM, (top if items else _TOP - _LEGEND_ROW)
+    slot = (w - _RIGHT - _LEFT) / len(cats)
+    bar_w = slot * 0.8 / len(series)
+    out = [svg_open("kc-line kc-bar", w, h, title), f"<style>{_STYLE}</style>"]
+    out += _y_marks(y_axis, w)
+    base = y_axis.px(0.0)
+    labels = [_category_label(c) for c in cats]
+    for j, s in enumerate(series):
+        for i, (label, y) in enumerate(zip(labels, s.ys, strict=False)):
+            if y is None:
+                continue
+            top_px, bottom_px = sorted((y_axis.px(y), base))
+            tip = escape(f"{s.label}: {label} \u2192 {fmt_number(y)}")
+            out.append(f'<rect class="bar" x="{fmt(_LEFT + slot * (i + 0.1) + bar_w * j)}" y="{fmt(top_px)}" '
+                       f'width="{fmt(bar_w)}" height="{fmt(bottom_px - top_px)}" fill="{escape(s.colour)}">'
+                       f"<title>{tip}</title></rect>")
+    out += _x_labels([(_LEFT + slot * (i + 0.5), label) for i, label in enumerate(labels)], h - _BOTTOM)
+    out += _frame(chart, False, False, w, h, y_axis.p_hi)
+    out += legend
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _category_label(c: Any) -> str:
+    """A bar chart's category as text: numbers as tick values (no "-0", no "3.0"), the rest as is."""
+    f = as_float(c)
+    return _tick_text(f) if f is not None and not isinstance(c, str) else str(c)
 
 
 # --------------------------------------------------------------------------- the faithfulness curve

@@ -1,5 +1,5 @@
-"""The sections every discovery/evaluation run has: summary, circuit, viewer, faithfulness curve,
-hits, top edges, skipped samples and configuration.
+"""The sections every discovery/evaluation run has: summary, key components, circuit, viewer,
+faithfulness curve, hits, top edges, skipped samples and configuration.
 
 Each is a :class:`~kcircuits.report.base.Section` whose body returns "" when the report dict lacks
 its key; :data:`kcircuits.report.html.PAGE` places them on the page.
@@ -11,7 +11,17 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kcircuits.report.base import Section, as_float, cell, escape, figure, fmt_number, kv_table, records_table
+from kcircuits.report.base import (
+    Section,
+    as_float,
+    cell,
+    escape,
+    figure,
+    fmt_fixed,
+    fmt_number,
+    kv_table,
+    records_table,
+)
 from kcircuits.report.charts import curve_svg, line_svg
 from kcircuits.report.svg import circuit_svg
 from kcircuits.report.viewer import viewer_section
@@ -25,6 +35,29 @@ HITS_INTRO = ("Hit@k of the full model, the circuit alone, random circuits of ex
 def _summary(report: Mapping[str, Any]) -> str:
     s = report.get("summary")
     return kv_table(s) if isinstance(s, Mapping) and s else ""
+
+
+def _key_components(report: Mapping[str, Any]) -> str:
+    """The circuit's strongest nodes, with what the analyses say about each: the page's first table
+    after the summary, so a reader knows what to look for before meeting the drawing."""
+    k = report.get("key_components")
+    if not isinstance(k, Mapping) or not k.get("rows"):
+        return ""
+    rows = [r for r in k["rows"] if isinstance(r, Mapping)]
+    intro = (f"The {len(rows)} of the circuit's {k.get('n_nodes', len(rows))} nodes (besides the logits) with the "
+             f"largest total |score| over their edges in the circuit ({k.get('n_edges', 'n/a')} edges in all), in "
+             "and out: an edge into a head's q, k or v input counts for the head. ")
+    if any("role" in r for r in rows):
+        intro += "Role: the head's role on the explained prompts (see Head roles). "
+    html = escape(intro)
+    if any("lens top token" in r for r in rows):
+        where = f" on the example prompt “{k['example_prompt']}”" if k.get("example_prompt") else ""
+        run = f" ({k['lens_of']} run)" if k.get("lens_of") else ""
+        answer = f' <span class="tok">{escape(k["answer"])}</span>' if k.get("answer") else ""
+        html += (escape(f"Logit lens{where}{run}: the top token read from the node's output, its probability, "
+                        "and the rank of the answer") + answer + " there.")
+    return f"<p>{html}</p>" + records_table(rows, formats={"lens prob": lambda v: fmt_fixed(v, "prob")},
+                                            token_cols={"lens top token"})
 
 
 def _circuit(report: Mapping[str, Any]) -> str:
@@ -110,6 +143,8 @@ def _config(report: Mapping[str, Any]) -> str:
 
 
 SUMMARY = Section("summary", "Summary", _summary)
+KEY_COMPONENTS = Section("key-components", "Key components", _key_components,
+                         title="Key components: the circuit's strongest nodes")
 CIRCUIT = Section("circuit", "Circuit", _circuit)
 VIEWER = Section("viewer", "Circuit viewer", _viewer)
 CURVE = Section("curve", "Faithfulness curve", _curve)
@@ -119,4 +154,4 @@ SKIPPED = Section("skipped", "Skipped samples", _skipped, title="Samples skipped
 CONFIG = Section("config", "Configuration", _config)
 
 #: this module's sections, in the order it defines them (the page order is :data:`kcircuits.report.html.PAGE`)
-SECTIONS: tuple[Section, ...] = (SUMMARY, CIRCUIT, VIEWER, CURVE, HITS, TOP_EDGES, SKIPPED, CONFIG)
+SECTIONS: tuple[Section, ...] = (SUMMARY, KEY_COMPONENTS, CIRCUIT, VIEWER, CURVE, HITS, TOP_EDGES, SKIPPED, CONFIG)

@@ -6,10 +6,19 @@ the CLI's commands share one way of summarising a run.
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
 from kcircuits.graph import Circuit, Graph
+from kcircuits.report.base import token_label
 from kcircuits.report.viewer import viewer_payload
+
+#: How many nodes the report's opening "Key components" table lists.
+KEY_COMPONENTS = 12
+_HEAD = re.compile(r"^a(\d+)\.h\d+$")
+_MLP = re.compile(r"^m(\d+)$")
 
 
 def random_mean(res: dict, key: str, kind: str = "same_size") -> float | None:
@@ -56,6 +65,74 @@ def curve_view(curve: dict | None) -> dict | None:
     return view
 
 
+def node_kind(name: str) -> tuple[str, int | None]:
+    """(kind, layer) of a source node name: ("head", 3) for ``a3.h2``, ("MLP", 5) for ``m5``,
+    ("input", None) for the embeddings."""
+    if m := _HEAD.match(name):
+        return "head", int(m[1])
+    if m := _MLP.match(name):
+        return "MLP", int(m[1])
+    return ("input", None) if name == "input" else ("other", None)
+
+
+def node_weights(circuit: Circuit) -> dict[str, tuple[float, int]]:
+    """Per source node of the circuit: (sum of |score| over its circuit edges in and out, their count).
+
+    An edge counts for its source and for every node that reads its destination (a head for its
+    q/k/v inputs; with grouped-query attention every head of the k/v group), as the viewer's side
+    panel lists it under "edges in". Edges into the logits count for their source only. NaN scores
+    (or a circuit without scores) add to the count but not to the sum.
+    """
+    g = circuit.graph
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for s, d in torch.nonzero(circuit.edges).tolist():
+        score = float(circuit.scores[s, d]) if circuit.scores is not None else math.nan
+        weight = abs(score) if math.isfinite(score) else 0.0
+        owners = [g.src_names[s]] + [g.src_names[f] for f in g.dst_feeds(d)]
+        for name in owners:
+            total[name] = total.get(name, 0.0) + weight
+            count[name] = count.get(name, 0) + 1
+    return {name: (total[name], count[name]) for name in total}
+
+
+def key_components(circuit: Circuit, node_details: dict | None = None, top: int = KEY_COMPONENTS) -> dict | None:
+    """The report's opening table: the ``top`` nodes of the circuit by total |edge score|, each with
+    its kind and layer, its head role and what the logit lens reads at its output on the example
+    prompt (top token with its probability, and the answer's rank), all taken from ``node_details``.
+
+    A 600-edge circuit drawn in full is a hairball; this table says which components carry it
+    before the reader meets the drawing. None for an empty circuit.
+    """
+    weights = node_weights(circuit)
+    if not weights:
+        return None
+    nodes = (node_details or {}).get("nodes") or {}
+    ranked = sorted(weights.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+    rows = []
+    for name, (total, n_edges) in ranked[:top]:
+        kind, layer = node_kind(name)
+        det = nodes.get(name) or {}
+        row: dict = {"node": name, "kind": kind, "layer": layer, "edges": n_edges, "total |score|": total}
+        if nodes:  # the role column sits next to the score whatever kind of node comes first
+            row["role"] = (det.get("role") or {}).get("role") if kind == "head" else None
+        lens = det.get("lens") or {}
+        lens_top = lens.get("top") or []
+        if lens_top:
+            first = lens_top[0]
+            token, prob = (first[0], first[1]) if isinstance(first, (list, tuple)) else (first, None)
+            row["lens top token"] = token_label(token)
+            row["lens prob"] = prob
+        if lens.get("answer_rank") is not None:
+            row["answer rank (lens)"] = lens["answer_rank"]
+        rows.append(row)
+    example = (node_details or {}).get("example") or {}
+    return {"rows": rows, "n_nodes": len(weights), "n_edges": int(circuit.n_edges),
+            "example_prompt": example.get("prompt"),
+            "answer": token_label(example["answer"]) if example.get("answer") is not None else None,
+            "lens_of": example.get("lens_of")}
+
+
 def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dict, graph: Graph, *,
                  scores: torch.Tensor | None = None, node_details: dict | None = None) -> dict:
     """The report dict. ``scores`` (the whole graph's ``[n_src, n_dst]`` attribution scores) and
@@ -98,6 +175,9 @@ def build_report(config: dict, circuit: Circuit, metrics: dict, prompt_sets: dic
         "top_edges": [{"edge": f"{s}->{d}", "score": sc} for s, d, sc in circuit.edge_list()[:30]],
         "config": config,
     }
+    key = key_components(circuit, node_details)
+    if key:
+        report["key_components"] = key
     if scores is not None or circuit.scores is not None or node_details:
         report["viewer"] = viewer_payload(graph, circuit, scores, node_details)
     return report

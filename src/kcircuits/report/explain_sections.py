@@ -10,15 +10,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kcircuits.report.base import Section, escape, figure, kv_table, records_table
-from kcircuits.report.charts import heat_table, line_svg
+from kcircuits.report.base import (
+    Section,
+    escape,
+    figure,
+    is_num,
+    kv_table,
+    records_table,
+    sample_note_html,
+)
+from kcircuits.report.charts import bar_svg, heat_table, line_svg
 
 
 def _findings(report: Mapping[str, Any]) -> str:
+    """One paragraph per finding. A finding is a string, or ``{"text": ..., "n_prompts": n}``, which
+    adds a small-sample warning when n is below :data:`~kcircuits.report.base.SMALL_SAMPLE`."""
     lines = report.get("narrative")
     if not lines:
         return ""
-    return "".join(f"<p>{escape(str(t))}</p>" for t in lines)
+    return "".join(f"<p>{_finding_html(t)}</p>" for t in lines)
+
+
+def _finding_html(item: Any) -> str:
+    if isinstance(item, Mapping):
+        return escape(str(item.get("text", ""))) + sample_note_html(item.get("n_prompts"))
+    return escape(str(item))
+
+
+def _explained_on(report: Mapping[str, Any], n_prompts: Any) -> str:
+    """Says how many prompts an analysis used: the explanation runs on the first few test prompts
+    (``--explain-prompts``), usually far fewer than the Hit@k evaluation next to it."""
+    if not is_num(n_prompts):
+        return ""
+    text = f"Measured on the first {int(n_prompts)} test prompts (--explain-prompts sets how many)"
+    hits = report.get("hits_table")
+    total = hits[-1].get("n_prompts") if isinstance(hits, list) and hits and isinstance(hits[-1], Mapping) else None
+    if is_num(total) and total > n_prompts:
+        text += f"; the Hits@k table uses all {int(total)} test prompts"
+    return f'<p class="explained-on">{escape(text)}.{sample_note_html(n_prompts)}</p>'
 
 
 def _lens(report: Mapping[str, Any]) -> str:
@@ -30,9 +59,10 @@ def _lens(report: Mapping[str, Any]) -> str:
     if "chance" in trace:  # the fully ablated run: what hit@10 is without the circuit
         series_hit["chance (fully ablated)"] = trace["chance"]["hit10"]
     x = trace.get("layers") or list(range(len(next(iter(series_rank.values())))))
-    body = figure(line_svg({"title": "answer rank by layer", "x": x, "series": series_rank, "x_label":
-                            "residual stream after layer (0 = embeddings)", "y_label": "median answer rank",
-                            "log_y": True}),
+    body = _explained_on(report, trace.get("n_prompts"))
+    body += figure(line_svg({"title": "answer rank by layer", "x": x, "series": series_rank, "x_label":
+                             "residual stream after layer (0 = embeddings)", "y_label": "median answer rank",
+                             "log_y": True}),
                   escape("Logit lens of the residual stream: the answer's median rank after each layer, for the "
                          "full model (clean) and for the circuit alone (edges outside it patched)"
                          + (f", over {trace['n_prompts']} prompts." if trace.get("n_prompts") else ".")))
@@ -51,7 +81,8 @@ def _roles(report: Mapping[str, Any]) -> str:
     cols = ("head", "role", "in_circuit", "subject_mass", "relation_mass", "other_mass", "direct_effect", "answer_z",
             "range_z", "specificity")
     rows = [{c: row.get(c) for c in cols} for row in r.get("rows", [])]
-    body = kv_table(r.get("counts", {})) + "<p>Thresholds (docs/analysis.md gives the criteria):</p>"
+    body = _explained_on(report, r.get("n_prompts"))
+    body += kv_table(r.get("counts", {})) + "<p>Thresholds (docs/analysis.md gives the criteria):</p>"
     body += kv_table(r.get("thresholds", {}))
     body += (f"<p>Heads with a role or in the circuit, by |direct effect| ({len(rows)} of {r.get('n_heads')} heads; "
              "roles.json has all):</p>" + records_table(rows))
@@ -74,28 +105,41 @@ def _composition(report: Mapping[str, Any]) -> str:
     return body
 
 
+# The studies describe their matrices, charts and tables as dicts; each may carry "caption" and
+# "n_prompts" (the prompts it rests on), which adds a small-sample warning to the caption; a table
+# may name its "token_cols" (cells holding token labels, kept on one line).
+def _caption_html(item: Mapping[str, Any]) -> str:
+    return escape(str(item.get("caption") or "")) + sample_note_html(item.get("n_prompts"))
+
+
+def _paragraph(html: str) -> str:
+    return f"<p>{html}</p>" if html else ""
+
+
 def _matrices(report: Mapping[str, Any]) -> str:
     items = report.get("matrices")
     if not items:
         return ""
     return "".join(f"<h3>{escape(m['title'])}</h3>" + heat_table(m["rows"], m["cols"], m["values"], m.get("lo", 0.0),
                                                                    m.get("hi", 1.0))
-                   + (f"<p>{escape(m['caption'])}</p>" if m.get("caption") else "") for m in items)
+                   + _paragraph(_caption_html(m)) for m in items)
 
 
 def _charts(report: Mapping[str, Any]) -> str:
+    """Each chart dict drawn as a line chart, or as bars with ``"kind": "bar"`` (counts per category)."""
     items = report.get("charts")
     if not items:
         return ""
-    return "".join(figure(line_svg(c), escape(c.get("caption", ""))) for c in items)
+    return "".join(figure(bar_svg(c) if c.get("kind") == "bar" else line_svg(c), _caption_html(c)) for c in items)
 
 
 def _tables(report: Mapping[str, Any]) -> str:
     items = report.get("tables")
     if not items:
         return ""
-    return "".join(f"<h3>{escape(t['title'])}</h3>" + (f"<p>{escape(t['caption'])}</p>" if t.get("caption") else "")
-                   + records_table(t["rows"]) for t in items if t.get("rows"))
+    return "".join(f"<h3>{escape(t['title'])}</h3>" + _paragraph(_caption_html(t))
+                   + records_table(t["rows"], token_cols=set(t.get("token_cols") or ()))
+                   for t in items if t.get("rows"))
 
 
 FINDINGS = Section("findings", "Findings", _findings)

@@ -10,7 +10,8 @@ static SVG of the Circuit section still shows the circuit. Sections whose key is
 report dict are left out.
 
 This module only orders and assembles: the sections live in :mod:`~kcircuits.report.core_sections`,
-:mod:`~kcircuits.report.explain_sections` and :mod:`~kcircuits.report.influence_section`, which
+:mod:`~kcircuits.report.explain_sections`, :mod:`~kcircuits.report.heatmap` (causal tracing) and
+:mod:`~kcircuits.report.influence_section`, which
 build on :mod:`~kcircuits.report.base` and never import this module.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from kcircuits.io import atomic_write_text
 from kcircuits.report import core_sections as core
 from kcircuits.report import explain_sections as explain
+from kcircuits.report import heatmap
 from kcircuits.report import influence_section as influence
 from kcircuits.report.base import PAGE_CSS, Section, escape
 from kcircuits.report.base import fmt_value, kv_table, records_table  # noqa: F401  (re-exported: their old home)
@@ -31,12 +33,13 @@ __all__ = ["DEFAULT_TITLE", "PAGE", "fmt_value", "kv_table", "records_table", "r
 
 DEFAULT_TITLE = "kcircuits report"
 
-#: Every section of the page, top to bottom: the one place that decides the order. The summary and
-#: the analyses' findings come first, then the circuit and how well it holds up, then the analyses'
-#: detail, the influence scores, and the configuration last. (tests/test_report.py checks that every
-#: section the section modules define appears here exactly once.)
+#: Every section of the page, top to bottom: the one place that decides the order. The summary, the
+#: circuit's key components and the analyses' findings come first, then the circuit and how well it
+#: holds up, then the analyses' detail, the causal trace, the influence scores, and the configuration last.
+#: (tests/test_report.py checks that every section the section modules define appears here exactly once.)
 PAGE: tuple[Section, ...] = (
     core.SUMMARY,
+    core.KEY_COMPONENTS,
     explain.FINDINGS,
     core.CIRCUIT,
     core.VIEWER,
@@ -50,6 +53,7 @@ PAGE: tuple[Section, ...] = (
     explain.MATRICES,
     explain.CHARTS,
     explain.TABLES,
+    heatmap.TRACE,
     influence.INFLUENCE,
     core.CONFIG,
 )

@@ -40,6 +40,7 @@
     return Math.max(40, Math.min(170, ROW * (L + 1.6) * w / h / (H + 1.6)));
   })();
   var COLOURS = {input: "#059669", head: "#f59e0b", kv: "#d97706", mlp: "#7c3aed", logits: "#334155"};
+  var KV_LINK = "#f3d9a8", LABEL_GAP = 14, LABEL_FONT = "11px system-ui,-apple-system,Segoe UI,Roboto,Arial,sans-serif";
   var POS = "#2563eb", NEG = "#dc2626", NANC = "#9ca3af", IDLE = "#d1d5db";
   var nodes = [], nodeIndex = {};
   function addNode(name) {
@@ -194,26 +195,19 @@
   function drawScene(c, w, h) {
     c.save();
     c.fillStyle = "#fff"; c.fillRect(0, 0, w, h);
-    // layer guides and labels
-    var step = Math.max(1, Math.ceil(13 / (ROW * view.z)));
-    c.font = "11px system-ui,-apple-system,Segoe UI,Roboto,Arial,sans-serif"; c.textBaseline = "middle";
-    c.lineWidth = 1;
+    // layer guides
+    c.lineWidth = 1; c.strokeStyle = "#f1f3f5";
     for (var layer = -1; layer <= L; layer++) {
       var y = sy((L - layer) * ROW);
       if (y < -20 || y > h + 20) continue;
-      c.strokeStyle = "#f1f3f5"; c.beginPath(); c.moveTo(sx(minX), y); c.lineTo(sx(maxX), y); c.stroke();
-      if (layer === -1 || layer === L || (layer % step === 0)) {
-        c.fillStyle = "#6b7280"; c.textAlign = "left";
-        c.fillText(layer === -1 ? "input" : layer === L ? "logits" : "L" + layer, 4, y);
-      }
+      c.beginPath(); c.moveTo(sx(minX), y); c.lineTo(sx(maxX), y); c.stroke();
     }
-    // kv group connectors
-    c.strokeStyle = "#f3d9a8";
+    // kv group connectors, only for the groups the selection uses
+    c.strokeStyle = KV_LINK;
     c.beginPath();
-    for (var kid in kvOwners) {
-      var kn = nodes[kid];
-      kvOwners[kid].forEach(function (hid) { var hn = nodes[hid]; c.moveTo(sx(kn.x), sy(kn.y)); c.lineTo(sx(hn.x), sy(hn.y)); });
-    }
+    kvLinks().forEach(function (p) {
+      var kn = nodes[p[0]], hn = nodes[p[1]]; c.moveTo(sx(kn.x), sy(kn.y)); c.lineTo(sx(hn.x), sy(hn.y));
+    });
     c.stroke();
     // edges
     // Style is set once per bucket, but every edge is stroked on its own: with software
@@ -241,15 +235,49 @@
     // nodes
     var rr = nodeRadius();
     for (i = 0; i < nodes.length; i++) drawNode(c, nodes[i], rr, nodeUsed[i] ? COLOURS[nodes[i].type] : IDLE, !!nodeUsed[i]);
-    // column labels under the input row
-    var yl = sy((L + 1) * ROW) + 20;
-    if (COL * view.z > 14) {
-      c.fillStyle = "#9ca3af"; c.textAlign = "center";
-      var hstep = Math.max(1, Math.ceil(24 / (COL * view.z)));
-      for (var hh = 0; hh < H; hh += hstep) c.fillText("h" + hh, sx(COL * (hh + 0.5)), yl);
-      c.fillText("MLP", sx(COL * (H + 0.9)), yl);
-    }
+    // labels last, on a white backing, so nothing drawn hides them
+    c.font = LABEL_FONT; c.textBaseline = "middle";
+    labelLayout(w, h).forEach(function (lb) {
+      var tw = c.measureText(lb.text).width, x0 = lb.align === "center" ? lb.x - tw / 2 : lb.x;
+      c.fillStyle = "rgba(255,255,255,0.85)"; c.fillRect(x0 - 2, lb.y - 7, tw + 4, 14);
+      c.fillStyle = lb.colour; c.textAlign = lb.align; c.fillText(lb.text, lb.x, lb.y);
+    });
     c.restore();
+  }
+  // [kv node id, head node id] for every k/v group input that a drawn edge enters: the faint lines
+  // to the heads that read it would otherwise cross every layer of a grouped-query model
+  function kvLinks() {
+    var out = [];
+    for (var kid in kvOwners) {
+      if (nodeUsed[kid]) kvOwners[kid].forEach(function (hid) { out.push([+kid, hid]); });
+    }
+    return out;
+  }
+  // Layer labels at the left edge and column labels (h0.., MLP) along the bottom, in screen
+  // coordinates: pinned to the stage, so zooming or panning never moves them out of view; thinned so
+  // that no two overlap (input and logits first, then every step-th layer); drawn on a white backing.
+  function labelLayout(w, h) {
+    var out = [], ys = [], step = Math.max(1, Math.ceil(LABEL_GAP / (ROW * view.z)));
+    var order = [-1, L];
+    for (var layer = 0; layer < L; layer += step) order.push(layer);
+    order.forEach(function (layer) {
+      var y = sy((L - layer) * ROW);
+      if (y < 6 || y > h - 6 || ys.some(function (o) { return Math.abs(o - y) < LABEL_GAP; })) return;
+      ys.push(y);
+      out.push({text: layer === -1 ? "input" : layer === L ? "logits" : "L" + layer, x: 4, y: y, align: "left",
+                colour: "#6b7280", axis: "layer"});
+    });
+    var yl = Math.max(12, Math.min(h - 8, sy((L + 1) * ROW) + 20)), lastX = -Infinity;
+    var cols = [];
+    for (var hh = 0; hh < H; hh++) cols.push(["h" + hh, sx(COL * (hh + 0.5))]);
+    cols.push(["MLP", sx(COL * (H + 0.9))]);
+    cols.forEach(function (cl) {
+      var half = 3.5 * cl[0].length + 2;
+      if (cl[1] - lastX < 2 * half + 6 || cl[1] < 40 + half || cl[1] > w - half) return;
+      lastX = cl[1];
+      out.push({text: cl[0], x: cl[1], y: yl, align: "center", colour: "#6b7280", axis: "column"});
+    });
+    return out;
   }
   function drawNode(c, n, rr, fill, used) {
     var x = sx(n.x), y = sy(n.y);
@@ -459,7 +487,9 @@
     var s = v.toFixed(digits === undefined ? 3 : digits);
     return /^-[0.]+$/.test(s) ? s.slice(1) : s;
   }
-  function showTok(t) { return "'" + String(t) + "'"; }
+  // a token in quotes with its leading space kept, newlines and tabs visible: the rule of
+  // kcircuits.report.base.token_label, so a token reads the same here and in the report's tables
+  function showTok(t) { return "'" + String(t).replace(/\n/g, "\\n").replace(/\r/g, "\\r").replace(/\t/g, "\\t") + "'"; }
   function barTable(rows, cls, maxVal) {  // rows: [label, value]
     var t = el("table", "kcv-bars"), mx = maxVal || 0;
     rows.forEach(function (r) { if (typeof r[1] === "number" && isFinite(r[1])) mx = Math.max(mx, Math.abs(r[1])); });
@@ -624,7 +654,8 @@
     nbox.value = String(curN);
     countEl.textContent = mode === "circuit"
       ? "run's circuit: " + kept.length + " edges"
-      : "top " + curN + " by |score| \u2192 " + kept.length + " edges after pruning";
+      : "top " + curN + " by |score| \u2192 " + kept.length + " edges after pruning" +
+        (hasScores ? " (run's circuit: " + P.circuit.n_edges + ")" : "");
     root.setAttribute("data-mode", mode);
     root.setAttribute("data-n", String(curN));
   }
@@ -669,27 +700,16 @@
     var out = [], NS = "http://www.w3.org/2000/svg", font = "system-ui,-apple-system,Segoe UI,Roboto,Arial,sans-serif";
     out.push('<svg xmlns="' + NS + '" width="' + f1(W) + '" height="' + f1(Hh) + '" viewBox="0 0 ' + f1(W) + " " + f1(Hh) + '" font-family="' + font + '" font-size="11">');
     out.push('<rect width="100%" height="100%" fill="#fff"/>');
-    var step = Math.max(1, Math.ceil(13 / (ROW * view.z)));
     for (var layer = -1; layer <= L; layer++) {
       var y = sy((L - layer) * ROW);
       if (y < -20 || y > Hh + 20) continue;
       out.push('<line x1="' + f1(sx(minX)) + '" y1="' + f1(y) + '" x2="' + f1(sx(maxX)) + '" y2="' + f1(y) + '" stroke="#f1f3f5"/>');
-      if (layer === -1 || layer === L || layer % step === 0) {
-        out.push('<text x="4" y="' + f1(y + 4) + '" fill="#6b7280">' + (layer === -1 ? "input" : layer === L ? "logits" : "L" + layer) + "</text>");
-      }
     }
-    var conn = [];
-    for (var kid in kvOwners) {
-      if (!nodeUsed[kid]) continue;
-      var kn = nodes[kid];
-      kvOwners[kid].forEach(function (hid) { var hn = nodes[hid]; conn.push("M" + f1(sx(kn.x)) + " " + f1(sy(kn.y)) + "L" + f1(sx(hn.x)) + " " + f1(sy(hn.y))); });
-    }
-    if (conn.length) out.push('<path d="' + conn.join("") + '" fill="none" stroke="#f3d9a8"/>');
-    if (COL * view.z > 14) {
-      var yl = sy((L + 1) * ROW) + 24, hstep = Math.max(1, Math.ceil(24 / (COL * view.z)));
-      for (var hh = 0; hh < H; hh += hstep) out.push('<text x="' + f1(sx(COL * (hh + 0.5))) + '" y="' + f1(yl) + '" text-anchor="middle" fill="#9ca3af">h' + hh + "</text>");
-      out.push('<text x="' + f1(sx(COL * (H + 0.9))) + '" y="' + f1(yl) + '" text-anchor="middle" fill="#9ca3af">MLP</text>');
-    }
+    var conn = kvLinks().map(function (p) {
+      var kn = nodes[p[0]], hn = nodes[p[1]];
+      return "M" + f1(sx(kn.x)) + " " + f1(sy(kn.y)) + "L" + f1(sx(hn.x)) + " " + f1(sy(hn.y));
+    });
+    if (conn.length) out.push('<path class="kv-links" d="' + conn.join("") + '" fill="none" stroke="' + KV_LINK + '"/>');
     var b = buckets(), a = alphaFor(kept.length), dashed = kept.length <= DASH_MAX;
     for (var oo = 0; oo < 63; oo++) {
       var i = ORDER[oo], list = b[i];
@@ -717,6 +737,10 @@
         out.push('<rect x="' + f1(x - w / 2) + '" y="' + f1(y2 - hb / 2) + '" width="' + f1(w) + '" height="' + f1(hb) + '" fill="' + fill + '">' + t + "</rect>");
         out.push('<text x="' + f1(x) + '" y="' + f1(y2 + 4) + '" text-anchor="middle" fill="#fff">' + xmlEsc(n.name) + "</text>");
       }
+    });
+    labelLayout(W, Hh).forEach(function (lb) {
+      out.push('<text class="axis-label" x="' + f1(lb.x) + '" y="' + f1(lb.y + 4) + '"' + (lb.align === "center" ? ' text-anchor="middle"' : "") +
+        ' fill="' + lb.colour + '" stroke="#fff" stroke-width="3" paint-order="stroke">' + xmlEsc(lb.text) + "</text>");
     });
     out.push("</svg>");
     return out.join("\n");
@@ -749,7 +773,11 @@
   }
   var errors = [];
   window.addEventListener("error", function (ev) { errors.push(String(ev.message)); });
-  resize(); fit(); selectCircuit(); apply();
+  // a big circuit opens on its strongest part (payload "initial", chosen in Python), the rest is on the slider
+  var INITIAL = P.initial || {mode: "circuit"};
+  resize(); fit();
+  if (INITIAL.mode === "topn") selectTop(INITIAL.n); else selectCircuit();
+  apply();
   window.addEventListener("resize", function () {
     var oldW = W, oldH = Hh; resize();
     view.x += (W - oldW) / 2; view.y += (Hh - oldH) / 2; redraw();
@@ -760,7 +788,10 @@
     payload: P,
     selectN: function (n) { selectTop(n); apply(); return {select_ms: timing.select_ms, draw_ms: timing.draw_ms}; },
     showCircuit: function () { selectCircuit(); apply(); },
-    state: function () { return {mode: mode, n: curN, drawn: kept.length, max: NORD, timing: timing, errors: errors.slice()}; },
+    state: function () { return {mode: mode, n: curN, drawn: kept.length, max: NORD, timing: timing, errors: errors.slice(), initial: INITIAL}; },
+    labels: function () { return labelLayout(W, Hh); },
+    kvLinks: function () { return kvLinks().map(function (p) { return [nodes[p[0]].name, nodes[p[1]].name]; }); },
+    sliderN: function (pos) { return posToN(pos === undefined ? slider.value : pos); },
     selectedEdges: function () { return Array.prototype.map.call(kept, function (r) { return srcNames[ES[r]] + "->" + dstNames[ED[r]]; }); },
     tableEdges: function () { return Array.prototype.map.call(tbody.querySelectorAll("tr"), function (tr) { return tr.getAttribute("data-edge"); }); },
     nodeClientXY: function (name) {

@@ -29,6 +29,9 @@ from kcircuits.graph import Circuit, Graph, prune
 
 FORMAT = "kcircuits-viewer/1"
 _SUFFIX = re.compile(r"<[qkv]>$")
+#: The most edges the viewer draws when the page opens: a few hundred curves over a 30-layer graph
+#: are a hairball, about a hundred can still be followed by eye. The slider reaches every stored edge.
+OPEN_EDGES = 100
 
 
 def _b64(arr: np.ndarray) -> str:
@@ -83,14 +86,56 @@ def _prefix_circuit(graph: Graph, src: torch.Tensor, dst: torch.Tensor, n: int, 
     return Circuit(graph, edges, scores)
 
 
+def readable_n(graph: Graph, src: torch.Tensor, dst: torch.Tensor, upper: int, scores: torch.Tensor,
+               limit: int = OPEN_EDGES) -> tuple[int, int]:
+    """The largest n <= ``upper`` whose top-n + prune keeps at most ``limit`` edges, and that count.
+
+    The pruned size never shrinks as n grows (a path through the top n is still one through the top
+    n + 1), so a bisection finds it. When even the smallest non-empty selection is bigger than
+    ``limit`` (the first path to the logits needs more edges), that selection is returned instead
+    of an empty drawing.
+    """
+    def kept(n: int) -> int:
+        return int(prune(_prefix_circuit(graph, src, dst, n, scores)).n_edges)
+
+    lo, hi = 0, upper  # kept(lo) <= limit; find the last such n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if kept(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    if kept(lo) == 0 and kept(upper) > 0:  # nothing drawable under the limit: the first n that draws something
+        first, last = lo + 1, upper
+        while first < last:
+            mid = (first + last) // 2
+            first, last = (first, mid) if kept(mid) > 0 else (mid + 1, last)
+        lo = first
+    return lo, kept(lo)
+
+
+def _initial_view(graph: Graph, src: torch.Tensor, dst: torch.Tensor, scores: torch.Tensor, n_circuit: int,
+                  n_init: int | None, n_ordered: int, has_scores: bool, limit: int) -> dict:
+    """What the page opens on: the run's circuit when it is small enough to read (or cannot be
+    re-selected), else its strongest part, top-n + prune with the n of :func:`readable_n`; for a
+    circuit made by top-n + prune that is a subset of it (a path within the top n is one within the
+    top n_init)."""
+    if not has_scores or n_circuit <= limit:
+        return {"mode": "circuit", "n": n_init if n_init is not None else n_circuit, "n_edges": n_circuit,
+                "limit": limit}
+    n, kept = readable_n(graph, src, dst, n_init if n_init is not None else n_ordered, scores, limit)
+    return {"mode": "topn", "n": n, "n_edges": kept, "limit": limit}
+
+
 def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, node_details: dict | None = None,
-                   max_edges: int = 50000) -> dict:
+                   max_edges: int = 50000, open_edges: int = OPEN_EDGES) -> dict:
     """Everything the viewer needs, as a JSON-able dict (see ``docs/viewer.md`` for the format).
 
     ``scores``: ``[n_src, n_dst]`` attribution scores of the whole graph (``circuit.scores`` when
     None). Without any scores only the circuit's edges are stored and live re-selection is off.
     ``max_edges`` caps the stored edges (the strongest ones; the circuit's own edges are always
-    kept); the payload then says so and the slider stops at the cap.
+    kept); the payload then says so and the slider stops at the cap. A circuit of more than
+    ``open_edges`` edges opens on its strongest part (``initial``), a note says how to see all of it.
     """
     if circuit.graph.describe() != graph.describe():
         raise KcircuitsError("the circuit belongs to a different graph than the one given to the viewer")
@@ -129,9 +174,14 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
     score_vals = scores[src, dst].numpy().astype("<f4")
     finite = score_vals[np.isfinite(score_vals)]
     notes = []
+    initial = _initial_view(graph, src, dst, scores, n_circuit, n_init, n_ordered, has_scores, open_edges)
+    if initial["mode"] == "topn":
+        notes.append(f"to stay readable the viewer opens on the circuit's strongest part, {initial['n_edges']:,} of "
+                     f"its {n_circuit:,} edges (top {initial['n']:,} by |score| + prune): move the slider or press "
+                     "\u201crun's circuit\u201d to see all of it")
     if capped:
-        notes.append(f"showing the {n_ordered:,} strongest of the graph's {n_total:,} edges: the slider stops there "
-                     f"(raise max_edges to store more)")
+        notes.append(f"the report stores the {n_ordered:,} strongest of the graph's {n_total:,} edges (and every "
+                     "edge of the run's circuit): the slider stops there")
     if not has_scores:
         notes.append("no attribution scores were stored: the viewer shows the run's circuit and cannot re-select")
     elif n_init is None and n_circuit:
@@ -155,6 +205,7 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
         "has_scores": has_scores,
         "circuit": {"n_edges": n_circuit, "ranks": {"dtype": "int32", "data": _b64(ranks.numpy().astype("<i4"))},
                     "n_init": n_init},
+        "initial": initial,
         "notes": notes,
         "details": _clean(node_details) if node_details else None,
     }

@@ -37,7 +37,15 @@ STUDY_SETTINGS = (ScoringSettings, AttributionSettings, CircuitSize, PromptSetti
 
 @dataclass(frozen=True)
 class StudySettings:
-    """The settings of one study run, one object per concern (see :mod:`kcircuits.settings`)."""
+    """The settings of one study run, one object per concern (see :mod:`kcircuits.settings`).
+
+    Attributes:
+        scoring: metric and ablation (:class:`~kcircuits.settings.ScoringSettings`; first-token scoring only).
+        attribution: discovery method, steps, grouping (:class:`~kcircuits.settings.AttributionSettings`).
+        size: every circuit's size, ``n_edges`` or ``percent`` (:class:`~kcircuits.settings.CircuitSize`).
+        prompts: prompt pairs, cap and filter (:class:`~kcircuits.settings.PromptSettings`).
+        run: device, dtype, batch size, seed (:class:`~kcircuits.settings.RunSettings`).
+    """
 
     scoring: ScoringSettings
     attribution: AttributionSettings
@@ -61,6 +69,7 @@ class StudySettings:
         return st
 
     def reproduce(self) -> dict:
+        """The hashed fields of every settings object, by parameter name (recorded in ``config.json``)."""
         return {param_name(type(obj)): hashed_dict(obj) for obj in (self.scoring, self.attribution, self.size,
                                                                     self.prompts, self.run)}
 
@@ -113,10 +122,12 @@ def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict
 
 
 def head_nodes(circuit: Circuit) -> set[str]:
+    """The attention heads (``a{l}.h{h}``) among ``circuit``'s nodes."""
     return {n for n in circuit.nodes() if n.startswith("a")}
 
 
 def finish(run: RunFolder, report: dict) -> None:
+    """Write ``report.html`` into ``run`` from the ``report`` dict (the run's config added)."""
     report.setdefault("config", run.config)
     write_report(run.file("report.html"), report)
 

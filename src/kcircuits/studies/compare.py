@@ -18,16 +18,44 @@ from kcircuits.pipeline import model_name, prepare_prompts
 from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
-from kcircuits.studies.common import StudySettings, circuit_size, faithfulness_on, find_circuit, finish, open_run
+from kcircuits.settings import settings_doc
+from kcircuits.studies.common import (
+    STUDY_SETTINGS,
+    StudySettings,
+    circuit_size,
+    faithfulness_on,
+    find_circuit,
+    finish,
+    open_run,
+)
 
 
 def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m", *, out: str | Path | None = None,
             progress: bool = True, **settings) -> dict:
     """Find one circuit per relation (same size) and write the overlap and cross-faithfulness matrices.
 
-    Settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
-    :mod:`kcircuits.settings`, or any of their fields by name (``percent=1``, ``known_only=True``);
-    the prompt cap defaults to 32 pairs per relation.
+    Each relation's circuit is found on all its prompts (``split`` is ignored) with the same number of
+    edges; the run folder holds ``compare.json``, each circuit and its scores, and ``report.html``.
+
+    Args:
+        relations: two or more bundled relation names or .json/.csv files (distinct names).
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        out: the run folder (default ``runs/compare_<first three relations>_<model>_<hash>``).
+        progress: show progress bars.
+        **settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
+            :mod:`kcircuits.settings`, or any of their fields by name (``percent=1``,
+            ``known_only=True``; listed below). The prompt cap (``max_pairs``) defaults to 32 pairs per
+            relation; the size must be ``n_edges`` or ``percent`` (not ``threshold``) and
+            ``answer_scoring`` must be ``"first_token"``.
+
+    Returns:
+        The contents of ``compare.json`` plus ``folder``: ``relations``, ``n_edges`` (selected per
+        circuit), ``n_edges_kept`` (after pruning), ``n_prompts``, the ``[n, n]`` matrices
+        ``node_jaccard``, ``edge_jaccard`` and ``faithfulness`` (row: circuit, column: prompts), and
+        ``composition`` per relation.
+
+    Settings (each also accepted by field name):
+
     """
     names = [Path(r).stem for r in relations]
     if len(relations) < 2:
@@ -51,14 +79,16 @@ def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m",
     edge_j = [[ov[a, b]["edge_jaccard"] for b in names] for a in names]
     faith_cols = {b: faithfulness_on(engine, lm, pairs[b], circuits, st, progress=progress) for b in names}
     faith = [[faith_cols[b][a] for b in names] for a in names]
-    result = {"relations": names, "n_edges": size, "n_prompts": {n: len(p) for n, p in pairs.items()},
+    result = {"relations": names, "n_edges": size, "n_edges_kept": {n: c.n_edges for n, c in circuits.items()},
+              "n_prompts": {n: len(p) for n, p in pairs.items()},
               "node_jaccard": node_j, "edge_jaccard": edge_j, "faithfulness": faith,
               "faithfulness_rows": "circuit of the row's relation",
               "faithfulness_cols": "prompts of the column's relation",
               "composition": {n: composition(c) for n, c in circuits.items()}}
     run.write_json("compare.json", result)
     finish(run, {"title": f"kcircuits compare: {', '.join(names)} on {lm_name}",
-                 "summary": {"model": lm_name, "relations": ", ".join(names), "edges per circuit": size,
+                 "summary": {"model": lm_name, "relations": ", ".join(names), "edges selected per circuit": size,
+                             "edges kept after pruning": ", ".join(f"{n}: {c.n_edges}" for n, c in circuits.items()),
                              "method": st.attribution.method},
                  "narrative": _narrative(names, node_j, edge_j, faith),
                  "matrices": [
@@ -73,6 +103,9 @@ def compare(relations: Sequence[str], model: str | LoadedModel = "smollm2-135m",
                                       for n, c in result["composition"].items()]}]})
     result["folder"] = str(run.path)
     return result
+
+
+compare.__doc__ += settings_doc(*STUDY_SETTINGS)
 
 
 def _narrative(names: list[str], node_j: list[list[float]], edge_j: list[list[float]],

@@ -28,7 +28,10 @@ from kcircuits.data import load_dataset
 from kcircuits.errors import KcircuitsError
 from kcircuits.analyze.explain import Explanation, explain, layer_trace
 from kcircuits.models import LoadedModel
+from kcircuits.report.base import fmt_fixed, fmt_number, token_label
+from kcircuits.settings import settings_doc
 from kcircuits.studies.common import (
+    STUDY_SETTINGS,
     StudySettings,
     circuit_size,
     faithfulness_on,
@@ -58,8 +61,29 @@ def hallucination(relation: str = "country_capital", model: str | LoadedModel = 
                   thresholds: RoleThresholds | None = None, progress: bool = True, **settings) -> dict:
     """Compare the model's right and wrong answers within one relation; write a run folder.
 
-    Settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
-    :mod:`kcircuits.settings`, or any of their fields by name; the prompt cap defaults to 96 pairs.
+    See the module docstring for what is measured. The run folder holds ``hallucination.json``,
+    ``roles_wrong_prediction.json``, each group's circuit and scores, and ``report.html``.
+
+    Args:
+        relation: a bundled relation name or a .json/.csv file.
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        out: the run folder (default ``runs/hallucination_<relation>_<model>_<hash>``).
+        max_per_group: at most this many right and this many wrong prompts are analysed.
+        min_per_group: fewer right or wrong prompts than this is an error that names the counts
+            (findings resting on fewer than 5 prompts carry a small-sample warning in the report).
+        top_heads: how many heads that move the wrong attribute are listed.
+        thresholds: head-role thresholds (:class:`~kcircuits.analyze.head_roles.RoleThresholds`;
+            default: its defaults); ``subject_mass_min`` selects the heads that move the wrong attribute.
+        progress: show progress bars.
+        **settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
+            :mod:`kcircuits.settings`, or any of their fields by name (listed below); the prompt cap
+            (``max_pairs``) defaults to 96 pairs.
+
+    Returns:
+        The contents of ``hallucination.json`` plus ``folder``: the counts (``n_right``, ``n_wrong``,
+        ``n_used``), the circuits' ``overlap`` and cross ``faithfulness``, the rank-by-layer
+        ``trace`` of each group, ``lost_at_layer`` and ``wrong_answer_settles_at`` per wrong prompt,
+        ``wrong_prompts`` (with the answer's and the predicted token) and ``wrong_attribute_movers``.
     """
     st = StudySettings.from_options(settings, "study hallucination", max_pairs=96)
     if min_per_group < 1 or max_per_group < min_per_group:
@@ -114,15 +138,19 @@ def hallucination(relation: str = "country_capital", model: str | LoadedModel = 
                   "wrong_prediction_on_wrong_prompts": layer_trace(ex["wrong_predicted"].lens)},
         "lost_at_layer": lost, "wrong_answer_settles_at": wrong_emerges,
         "wrong_prompts": [{"prompt": p.clean_text, "answer": p.object, "predicted": q.object, "rank": int(ranks[i]),
-                           "lost_at_layer": lo}
+                           "lost_at_layer": lo, "answer_token": tok.decode([int(p.answer_ids[0])]),
+                           "predicted_token": tok.decode([int(top[i])])}
                           for p, q, i, lo in zip(wrong, predicted, wrong_idx, lost, strict=True)],
         "wrong_attribute_movers": movers,
     }
     run.write_json("hallucination.json", result)
     run.write_json("roles_wrong_prediction.json", ex["wrong_predicted"].roles.to_json())
-    finish(run, _report(result, model_name))
+    finish(run, study_report(result, model_name))
     result["folder"] = str(run.path)
     return result
+
+
+hallucination.__doc__ += settings_doc(*STUDY_SETTINGS)
 
 
 def _wrong_movers(ex: dict[str, Explanation], c_wrong, thresholds: RoleThresholds, top: int) -> list[dict]:
@@ -138,52 +166,91 @@ def _wrong_movers(ex: dict[str, Explanation], c_wrong, thresholds: RoleThreshold
             for r in rows[:top]]
 
 
-def _report(res: dict, model_name: str) -> dict:
+def study_report(res: dict, model_name: str) -> dict:
+    """The report dict of a :func:`hallucination` result. Every finding, chart and table says how
+    many prompts it rests on (``n_prompts``), so the report flags those resting on too few; tokens
+    are shown as :func:`~kcircuits.report.base.token_label` writes them, leading space kept."""
     trace = res["trace"]
     L = len(trace["right"]["median_rank"]) - 1
-    lost = [v for v in res["lost_at_layer"] if v >= 0]
-    hist = [sum(1 for v in res["lost_at_layer"] if v == layer) for layer in range(1, L + 1)]
-    settle = [v for v in res["wrong_answer_settles_at"] if v >= 0]
-    movers = res["wrong_attribute_movers"]
-    text = [
-        f"Of {res['n_prompts']} prompts of {res['relation']}, {model_name} answers {res['n_right']} right and "
-        f"{res['n_wrong']} wrong (first answer token ranked first or not); {res['n_used']['right']} right and "
-        f"{res['n_used']['wrong']} wrong prompts were analysed.",
-        (f"On wrong prompts the correct answer is lost at layer {_median(lost):.0f} (median over the "
-         f"{len(lost)} prompts where it peaks before the output; "
-         f"{len(res['lost_at_layer']) - len(lost)} never lose it, "
-         "they simply never rank it higher)." if lost else
-         "On wrong prompts the correct answer has its best rank at the output: it is never built up and then lost."),
-        (f"The wrong prediction settles at rank 1 after layer {_median(settle):.0f} (median)." if settle else
-         "The wrong prediction does not settle at rank 1 before the output in the logit lens."),
-        f"The circuits found on right and on wrong prompts share {res['overlap']['node_jaccard']:.0%} of their nodes "
-        f"and {res['overlap']['edge_jaccard']:.0%} of their edges (Jaccard, {res['n_edges']} edges each).",
-        ("Heads that attend to the subject and push the wrong answer most: " + ", ".join(
-            f"{m['head']} (z {m['wrong_token_z']:.1f}, subject attention {m['subject_mass']:.2f})" for m in movers[:3])
-         + "." if movers else "No head attends to the subject and raises the wrong answer (at the set thresholds)."),
-    ]
+    n_right, n_wrong = res["n_used"]["right"], res["n_used"]["wrong"]
+    both = min(n_right, n_wrong)
     x = list(range(L + 1))
     return {
         "title": f"kcircuits study hallucination: {res['relation']} on {model_name}",
         "summary": {"model": model_name, "relation": res["relation"], "right": res["n_right"], "wrong": res["n_wrong"],
+                    "right prompts analysed": n_right, "wrong prompts analysed": n_wrong,
                     "node Jaccard (right vs wrong circuit)": res["overlap"]["node_jaccard"],
                     "edge Jaccard": res["overlap"]["edge_jaccard"]},
-        "narrative": text,
+        "narrative": _findings(res, model_name),
         "charts": [
             {"title": "rank by layer", "x": x, "log_y": True, "x_label": "residual stream after layer (0 = embeddings)",
              "y_label": "median rank", "series": {
                  "correct answer, right prompts": trace["right"]["median_rank"],
                  "correct answer, wrong prompts": trace["wrong"]["median_rank"],
                  "wrong prediction, wrong prompts": trace["wrong_prediction_on_wrong_prompts"]["median_rank"]},
-             "caption": "Logit lens of the residual stream: where each answer rises and where the correct one falls."},
-            {"title": "where the correct answer is lost", "x": list(range(1, L + 1)), "x_label": "layer (1-based)",
-             "y_label": "wrong prompts", "series": {"lost at layer": hist}},
+             "caption": "Logit lens of the residual stream: where each answer rises and where the correct one falls.",
+             "n_prompts": both},
+            _lost_histogram(res["lost_at_layer"], L),
         ],
         "matrices": [{"title": "Faithfulness of each circuit (row) on each group's prompts (column)",
                       "rows": ["right circuit", "wrong circuit"], "cols": ["right prompts", "wrong prompts"],
                       "values": [[res["faithfulness"][g]["right"] for g in ("right", "wrong")],
-                                 [res["faithfulness"][g]["wrong"] for g in ("right", "wrong")]]}],
-        "tables": [{"title": "Heads that move the wrong attribute", "rows": movers,
-                    "caption": "Head roles measured with the model's wrong prediction as the answer."},
-                   {"title": "Wrong prompts", "rows": res["wrong_prompts"]}],
+                                 [res["faithfulness"][g]["wrong"] for g in ("right", "wrong")]],
+                      "n_prompts": both}],
+        "tables": [{"title": "Heads that move the wrong attribute", "rows": res["wrong_attribute_movers"],
+                    "caption": "Head roles measured with the model's wrong prediction as the answer.",
+                    "n_prompts": n_wrong},
+                   {"title": "Wrong prompts", "rows": [_wrong_prompt_row(r) for r in res["wrong_prompts"]],
+                    "caption": "The answer's first token and the model's top token, as the tokenizer has them.",
+                    "token_cols": ["answer token", "predicted token"]}],
     }
+
+
+def _findings(res: dict, model_name: str) -> list[dict]:
+    """The findings text, each with the number of prompts it rests on."""
+    n_right, n_wrong = res["n_used"]["right"], res["n_used"]["wrong"]
+    lost = [v for v in res["lost_at_layer"] if v >= 0]
+    settle = [v for v in res["wrong_answer_settles_at"] if v >= 0]
+    movers = res["wrong_attribute_movers"]
+    ov = res["overlap"]
+    return [
+        {"text": f"Of {res['n_prompts']} prompts of {res['relation']}, {model_name} answers {res['n_right']} right "
+                 f"and {res['n_wrong']} wrong (first answer token ranked first or not); {n_right} right and "
+                 f"{n_wrong} wrong prompts were analysed.", "n_prompts": min(n_right, n_wrong)},
+        {"text": (f"On wrong prompts the correct answer is lost at layer {fmt_number(_median(lost), '.0f')} (median "
+                  f"over the {len(lost)} prompts where it peaks before the output; "
+                  f"{len(res['lost_at_layer']) - len(lost)} never lose it, they simply never rank it higher)."
+                  if lost else "On wrong prompts the correct answer has its best rank at the output: it is never "
+                  "built up and then lost."), "n_prompts": len(lost) if lost else n_wrong},
+        {"text": (f"The wrong prediction settles at rank 1 after layer {fmt_number(_median(settle), '.0f')} (median "
+                  f"over the {len(settle)} wrong prompts where it does)." if settle else
+                  "The wrong prediction does not settle at rank 1 before the output in the logit lens."),
+         "n_prompts": len(settle) if settle else n_wrong},
+        {"text": f"The circuits found on right and on wrong prompts share {fmt_number(ov['node_jaccard'], '.0%')} of "
+                 f"their nodes and {fmt_number(ov['edge_jaccard'], '.0%')} of their edges (Jaccard, "
+                 f"{res['n_edges']} edges each).", "n_prompts": min(n_right, n_wrong)},
+        {"text": ("Heads that attend to the subject and push the wrong answer most: " + ", ".join(
+            f"{m['head']} (z {fmt_fixed(m['wrong_token_z'], 'z')}, subject attention "
+            f"{fmt_fixed(m['subject_mass'], 'share')})" for m in movers[:3]) + "." if movers else
+                  "No head attends to the subject and raises the wrong answer (at the set thresholds)."),
+         "n_prompts": n_wrong},
+    ]
+
+
+def _lost_histogram(lost_at_layer: list[int], n_layers: int) -> dict:
+    """Bar chart of the layer where the correct answer is lost, one bar per layer and one for the
+    prompts where it never is (its best rank is at the output): counts, so bars, not a line."""
+    counts = [sum(1 for v in lost_at_layer if v == layer) for layer in range(1, n_layers + 1)]
+    return {"kind": "bar", "title": "where the correct answer is lost", "x": [*range(1, n_layers + 1), "never"],
+            "x_label": "layer after which the correct answer never regains its best rank (1-based)",
+            "y_label": "wrong prompts", "series": {"wrong prompts": counts + [lost_at_layer.count(-1)]},
+            "caption": "Per wrong prompt, the layer where the correct answer is lost; \u201cnever\u201d: its best "
+                       "rank is at the output.", "n_prompts": len(lost_at_layer)}
+
+
+def _wrong_prompt_row(r: dict) -> dict:
+    """A row of the wrong-prompts table: the answer as the dataset writes it, then the tokens as
+    token labels (leading space kept); "never" for a correct answer that is not lost."""
+    return {"prompt": r["prompt"], "answer (dataset)": r["answer"], "answer token": token_label(r["answer_token"]),
+            "predicted token": token_label(r["predicted_token"]), "rank of the answer token": r["rank"],
+            "lost at layer": r["lost_at_layer"] if r["lost_at_layer"] >= 0 else "never"}

@@ -27,7 +27,9 @@ from kcircuits.data import build_prompts, load_dataset
 from kcircuits.engine import Engine
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
+from kcircuits.settings import settings_doc
 from kcircuits.studies.common import (
+    STUDY_SETTINGS,
     StudySettings,
     circuit_size,
     find_circuit,
@@ -76,9 +78,33 @@ def icl(relation: str = "country_currency", model: str | LoadedModel = "smollm2-
         progress: bool = True, **settings) -> dict:
     """Accuracy and circuits with k = 0..4 demonstrations; new heads, their attention and ablation.
 
-    ``n_random`` random head sets are ablated for comparison. Settings: ``scoring=``,
-    ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of :mod:`kcircuits.settings`, or any
-    of their fields by name; the prompt cap (query subjects) defaults to 24.
+    Every k uses the same demonstrations (distinct answers, drawn with the seed) and the same query
+    subjects; see the module docstring for what is measured. The run folder holds ``icl.json``, each
+    k's circuit and scores, and ``report.html``.
+
+    Args:
+        relation: a bundled relation name or a .json/.csv file; best one the model fails zero-shot.
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        out: the run folder (default ``runs/icl_<relation>_<model>_<hash>``).
+        ks: numbers of demonstrations; must include 0 (the zero-shot circuit the new heads are
+            compared with) and at least one k >= 1.
+        template: index of the relation's ``prompt_templates`` entry used for demonstrations and queries.
+        n_random: random head sets (as many heads as the new ones) ablated for comparison, >= 1.
+        progress: show progress bars.
+        **settings: ``scoring=``, ``attribution=``, ``size=``, ``prompts=``, ``run=`` objects of
+            :mod:`kcircuits.settings`, or any of their fields by name (listed below). The prompt cap
+            (``max_pairs``, here the number of query subjects) defaults to 24 and is the only prompt
+            setting used; the size must be ``n_edges`` or ``percent`` and ``answer_scoring``
+            ``"first_token"``.
+
+    Returns:
+        The contents of ``icl.json`` plus ``folder``: ``accuracy`` per k (Hit@1), ``new_heads`` and
+        ``new_heads_by_k``, ``attention_to_demo_answers`` of each new head, ``ablation`` (accuracy with
+        the new heads vs random heads ablated, at the largest k; None without new heads),
+        ``circuit_sizes``, the demonstrations and the query subjects.
+
+    Settings (each also accepted by field name):
+
     """
     st = StudySettings.from_options(settings, "study icl", max_pairs=24)
     seed, batch_size, max_pairs = st.run.seed, st.run.batch_size, st.prompts.max_pairs
@@ -174,6 +200,9 @@ def icl(relation: str = "country_currency", model: str | LoadedModel = "smollm2-
     finish(run, _report(result, model_name))
     result["folder"] = str(run.path)
     return result
+
+
+icl.__doc__ += settings_doc(*STUDY_SETTINGS)
 
 
 def _report(res: dict, model_name: str) -> dict:
