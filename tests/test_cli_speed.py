@@ -39,3 +39,11 @@ def test_method_names_read_from_source_match_the_registry():
     declared = registry.declared_method_names()
     assert declared == tuple(registry.load_all())
     assert len(declared) == len(set(declared)) >= 3
+
+
+def test_edit_method_names_read_from_source_match_the_registry():
+    from kcircuits.edit import registry as edit_registry
+
+    declared = edit_registry.REGISTRY.declared_names()
+    assert set(declared) == set(edit_registry.REGISTRY.load_all()) >= {"rome", "memit"}
+    assert len(declared) == len(set(declared))

@@ -66,6 +66,13 @@ FUNCTIONS = [
     "kcircuits.edit.updates:rank_one_update",
     "kcircuits.edit.updates:least_squares_update",
     "kcircuits.edit.rome:rome_edit",
+    "kcircuits.edit.rome:apply_rome",
+    "kcircuits.edit.memit:apply_memit",
+    "kcircuits.edit.memit:memit_deltas",
+    "kcircuits.edit.finetune:apply_ft_l",
+    "kcircuits.edit.finetune:apply_ft_m",
+    "kcircuits.edit.finetune:finetune_deltas",
+    "kcircuits.edit.api:edit",
     "kcircuits.edit.stats:key_second_moment",
     # influence functions
     "kcircuits.influence.api:fit",
@@ -92,6 +99,7 @@ CLASSES = [
     "kcircuits.edit.trace:TraceResult",
     "kcircuits.edit.api:TraceOutput",
     "kcircuits.edit.rome:RomeEdit",
+    "kcircuits.edit.api:EditOutput",
     "kcircuits.influence.api:FitOutput",
     "kcircuits.influence.api:ScoreOutput",
     "kcircuits.influence.scores:InfluenceScores",
@@ -127,6 +135,9 @@ def _edit(name: str) -> list[type]:
 
 #: Functions that take settings fields by name: their help text must list every field of these classes.
 SETTINGS_TAKERS = {
+    "kcircuits.edit.api:edit": lambda: [getattr(importlib.import_module("kcircuits.edit.settings"), n)
+                                        for n in ("EditSettings", "RequestSettings", "ValueSettings",
+                                                  "FinetuneOptions")],
     "kcircuits.api:discover": lambda: _settings("ScoringSettings", "AttributionSettings", "CircuitSize",
                                                 "PromptSettings", "EvaluationSettings", "RunSettings"),
     "kcircuits.api:evaluate": lambda: _settings("ScoringSettings", "PromptSettings", "EvaluationSettings",
@@ -147,6 +158,8 @@ SETTINGS_CLASSES = [
     "kcircuits.settings:PromptSettings", "kcircuits.settings:EvaluationSettings", "kcircuits.settings:RunSettings",
     "kcircuits.settings:RoleThresholds", "kcircuits.influence.settings:FitSettings",
     "kcircuits.influence.settings:ScoreSettings", "kcircuits.edit.settings:TraceSettings",
+    "kcircuits.edit.settings:EditSettings", "kcircuits.edit.settings:RequestSettings",
+    "kcircuits.edit.settings:ValueSettings", "kcircuits.edit.settings:FinetuneOptions",
 ]
 
 _SKIP_PARAMS = {"self", "cls"}

@@ -124,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_influence(sub)
 
+    from kcircuits.edit.cli import add_edit_parser
     from kcircuits.edit.cli import add_parser as add_trace
 
     add_trace(sub)
+    add_edit_parser(sub)
 
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
@@ -196,6 +198,12 @@ def _influence(args) -> None:
     from kcircuits.influence.cli import run
 
     run(args)
+
+
+def _edit(args) -> None:
+    from kcircuits.edit.cli import run_edit
+
+    run_edit(args)
 
 
 def _trace(args) -> None:
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = sys.modules.get("kcircuits.runs")
     made_before = len(runs.CREATED) if runs is not None else 0
     handlers = {"discover": _discover, "select": _select, "evaluate": _evaluate, "compare": _compare, "study": _study,
-                "influence": _influence, "trace": _trace, "datasets": _datasets, "models": _models}
+                "influence": _influence, "trace": _trace, "edit": _edit, "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)
     except KcircuitsError as exc:

@@ -17,18 +17,33 @@ from typing import Any
 
 from kcircuits.data import load_dataset
 from kcircuits.data.prompts import select_templates
-from kcircuits.edit.settings import TraceSettings
+from kcircuits.edit.metrics import compare_metrics, edit_metrics
+from kcircuits.edit.registry import EditInputs, get_edit_method
+from kcircuits.edit.requests import load_requests, validate_requests
+from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, TraceSettings, ValueSettings
+from kcircuits.edit.stats import generated_corpus, key_second_moment
+from kcircuits.errors import KcircuitsError
 from kcircuits.edit.trace import TraceResult, causal_trace
 from kcircuits.engine import Engine
 from kcircuits.graph import Graph
 from kcircuits.models import LoadedModel
+from kcircuits.models.edits import edited, load_delta, save_delta
 from kcircuits.pipeline import PromptSplit, model_name, open_run, prepare_prompts
 from kcircuits.report import write_report
 from kcircuits.runs import RunFolder
-from kcircuits.settings import PromptSettings, RunSettings, hashed_dict, reject_unknown, resolve, settings_doc
+from kcircuits.settings import (
+    PromptSettings,
+    RunSettings,
+    hashed_dict,
+    reject_unknown,
+    resolve,
+    resolve_all,
+    settings_doc,
+)
 from kcircuits.steps import StepCache
 
-__all__ = ["TRACE_FILE", "TraceOutput", "TraceSettings", "trace", "trace_prompts"]
+__all__ = ["TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings", "context_prefixes", "edit", "trace",
+           "trace_prompts"]
 
 #: the run folder's trace: TraceResult.to_json() plus the relation and a summary of the probabilities
 TRACE_FILE = "trace.json"
@@ -170,3 +185,202 @@ def _report(run: RunFolder, relation: str, result: TraceResult) -> dict:
     if run.has("prompts.json"):
         report["skipped"] = run.read_json("prompts.json")["all"]["skipped"]
     return report
+
+
+# --------------------------------------------------------------------------- kcircuits edit
+#: the metrics the edit's report table shows, before and after (kcircuits.edit.metrics.REQUEST_METRICS)
+SHOWN_METRICS = ("efficacy_success", "efficacy_margin", "generalisation_success", "generalisation_margin",
+                 "specificity_success", "specificity_margin", "other_specificity_success", "fluency")
+
+
+@dataclass
+class EditOutput:
+    """What :func:`edit` produced; everything is also in ``folder``.
+
+    Attributes:
+        folder: the run folder (``edits.json``, ``delta.safetensors``, ``edit_metrics.json``, ``report.html``).
+        deltas: the weight change ``{param_name: Δ}`` (apply it with :func:`kcircuits.models.edits.edited`).
+        metrics: ``edit_metrics.json``: ``before`` and ``after`` (:func:`kcircuits.edit.metrics.edit_metrics`)
+            and ``change`` (:func:`kcircuits.edit.metrics.compare_metrics`).
+        report: (property) the path of ``report.html``.
+    """
+
+    folder: Path
+    deltas: dict
+    metrics: dict
+
+    @property
+    def report(self) -> Path:
+        """The run's ``report.html``."""
+        return self.folder / "report.html"
+
+
+def edit(source: str, model: str | LoadedModel = "smollm2-135m", *, out: str | Path | None = None,
+         settings: EditSettings | None = None, requests: RequestSettings | None = None,
+         value: ValueSettings | None = None, finetune: FinetuneOptions | None = None, progress: bool = True,
+         **options) -> EditOutput:
+    """Write edit requests into a model with a registered edit method and measure what the edit did.
+
+    The requests come from ``source`` (a bundled relation, a relation file, or a CounterFact / zsRE JSON
+    file; :func:`kcircuits.edit.requests.load_requests`). The edit metrics (efficacy, generalisation,
+    specificity, fluency, log-perplexity) are measured before and after; the weight change is saved as
+    ``delta.safetensors`` and the model is left as it was. The run folder's hash covers the settings,
+    the requests and the weights' fingerprint; a rerun reuses the saved delta and metrics.
+
+    Args:
+        source: a bundled relation name, a relation .json/.csv, or a CounterFact / zsRE .json file.
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        out: the run folder (default ``runs/edit_<source>_<model>_<method>_<hash>``).
+        settings: :class:`~kcircuits.edit.settings.EditSettings` (method, layer, key statistics, ...).
+        requests: :class:`~kcircuits.edit.settings.RequestSettings` (how many, neighbours, ...).
+        value: :class:`~kcircuits.edit.settings.ValueSettings` (ROME/MEMIT's value optimisation).
+        finetune: :class:`~kcircuits.edit.settings.FinetuneOptions` (FT-L/FT-M).
+        progress: show progress bars.
+
+    Returns:
+        :class:`EditOutput`: the folder, the deltas and the metrics.
+
+    Settings (each also accepted by field name):
+
+    """
+    given = {EditSettings: settings, RequestSettings: requests, ValueSettings: value, FinetuneOptions: finetune}
+    st = resolve_all(options, given, (EditSettings, RequestSettings, ValueSettings, FinetuneOptions), "edit")
+    es, rq, vs, fs = st[EditSettings], st[RequestSettings], st[ValueSettings], st[FinetuneOptions]
+    method = get_edit_method(es.method)
+    reqs = load_requests(source, rq.n, es.seed, **_relation_options(source, rq))  # bad source: nothing loaded
+    name = model_name(model)
+
+    def reproduce(lm: LoadedModel) -> dict:
+        return {"command": "edit", "source": str(source), "model": name, "weights": lm.fingerprint,
+                "edit": hashed_dict(es), "requests": hashed_dict(rq), "value": hashed_dict(vs),
+                "finetune": hashed_dict(fs),
+                "requests_sha256": _requests_digest(reqs)}
+
+    run_folder, lm = open_run("edit", [Path(str(source)).stem, Path(name).name, es.method], reproduce, out, model,
+                              RunSettings(device=es.device, dtype=es.dtype, batch_size=es.batch_size, seed=es.seed),
+                              check=lambda lm: _check_layer(es, lm))
+    with run_folder.removed_if_failed():
+        reqs = validate_requests(reqs, lm.tokenizer, one_batch=method.batched)
+        run_folder.write_json("edits.json", {"method": es.method, "requests": [r.to_dict() for r in reqs]})
+        cache = StepCache.default()
+        held_out = (generated_corpus(lm, n_texts=es.perplexity_texts, n_tokens=es.corpus_tokens, seed=es.seed + 1,
+                                     cache=cache) if es.perplexity_texts else None)
+        measure = dict(generation_tokens=es.generation_tokens, perplexity_texts=held_out, batch_size=es.batch_size)
+        before = _stored(run_folder, "metrics_before.json",
+                         lambda: edit_metrics(lm.hf_model, lm.tokenizer, reqs, **measure), "metrics before")
+        deltas = _edit_deltas(run_folder, lm, method, reqs, es, vs, fs, cache)
+        with edited(lm, deltas):
+            after = _stored(run_folder, "metrics_after.json",
+                            lambda: edit_metrics(lm.hf_model, lm.tokenizer, reqs, **measure), "metrics after")
+        metrics = {"before": before, "after": after, "change": compare_metrics(before, after)}
+        run_folder.write_json("edit_metrics.json", metrics)
+        with run_folder.timed("report"):
+            write_report(run_folder.file("report.html"), _edit_report(run_folder, es, reqs, metrics))
+    return EditOutput(run_folder.path, deltas, metrics)
+
+
+edit.__doc__ += settings_doc(EditSettings, param="settings") + "\n" + settings_doc(RequestSettings, param="requests") \
+    + "\n" + settings_doc(ValueSettings, param="value") + "\n" + settings_doc(FinetuneOptions, param="finetune")
+
+
+def _relation_options(source: str, rq: RequestSettings) -> dict:
+    """The relation loader's options (files of requests take none)."""
+    if str(source).endswith(".json") and Path(source).exists():
+        import json
+
+        try:
+            raw = json.loads(Path(source).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            return {}  # load_requests reports it
+        if not (isinstance(raw, dict) and "samples" in raw):
+            return {}
+    return {"n_paraphrases": rq.n_paraphrases, "n_neighbours": rq.n_neighbours}
+
+
+def _requests_digest(reqs: list) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([r.to_dict() for r in reqs], sort_keys=True).encode()).hexdigest()
+
+
+def _check_layer(es: EditSettings, lm: LoadedModel) -> None:
+    """The edited layer exists (checked before the run folder is made)."""
+    n = lm.weights.n_layers
+    if es.layer is None:
+        raise KcircuitsError(f"give the MLP layer to edit with --layer (0..{n - 1}); `kcircuits trace RELATION` "
+                             "prints the critical layer, ROME's choice")
+    if es.layer >= n:
+        raise KcircuitsError(f"--layer {es.layer} is out of range: the model has layers 0..{n - 1}")
+    if es.n_layers > es.layer + 1:
+        raise KcircuitsError(f"--n-layers {es.n_layers} ending at --layer {es.layer} would start before layer 0")
+
+
+def _stored(run: RunFolder, name: str, compute, step: str) -> dict:
+    """The run folder's ``name`` when an earlier run wrote it, else ``compute()`` written there."""
+    if run.has(name):
+        return run.read_json(name)
+    with run.timed(step):
+        result = compute()
+    run.write_json(name, result)
+    return result
+
+
+def _edit_deltas(run: RunFolder, lm: LoadedModel, method, reqs: list, es: EditSettings, vs: ValueSettings,
+                 fs: FinetuneOptions, cache: StepCache) -> dict:
+    """The run folder's saved delta, or the method's, saved with the weights' fingerprint it applies to."""
+    if run.has("delta.safetensors"):
+        return load_delta(run.file("delta.safetensors"))
+    stats: dict[int, Any] = {}
+
+    def key_stats(layer: int):  # the corpus is read or generated only for methods that need C
+        if layer not in stats:
+            with run.timed("key statistics"):
+                texts = (_corpus_texts(es.corpus) if es.corpus else
+                         generated_corpus(lm, n_texts=es.corpus_texts, n_tokens=es.corpus_tokens, seed=es.seed,
+                                          cache=cache))
+                stats[layer] = key_second_moment(lm, layer, texts, batch_size=es.batch_size, cache=cache)
+        return stats[layer]
+
+    prefixes = context_prefixes(lm, es.n_prefixes, es.seed, cache)
+    with run.timed(f"edit ({method.name})"):
+        deltas = method.apply(lm, reqs, EditInputs(es, vs, fs, key_stats, tuple(prefixes)))
+    save_delta(run.file("delta.safetensors"), deltas, base_fingerprint=lm.fingerprint)
+    return deltas
+
+
+def _corpus_texts(path: str) -> list[str]:
+    from kcircuits.influence.corpus import read_documents
+
+    return [d.text for d in read_documents(path)]
+
+
+def context_prefixes(lm: LoadedModel, n: int, seed: int, cache: StepCache | None = None) -> list[str]:
+    """The bare prompt's empty prefix plus ``n`` short texts the model writes (seeded, cached), each
+    ending in ". ": ROME averages the subject's key over such contexts."""
+    if n == 0:
+        return [""]
+    texts = generated_corpus(lm, n_texts=n, n_tokens=8, seed=seed + 2, cache=cache)
+    return [""] + [t.strip().replace("\n", " ") + ". " for t in texts]
+
+
+def _edit_report(run: RunFolder, es: EditSettings, reqs: list, metrics: dict) -> dict:
+    """The report: what was edited, the metrics' means before and after, and one row per request."""
+    before, after = metrics["before"]["summary"], metrics["after"]["summary"]
+    rows = [{"metric": k, "before": before.get(k, {}).get("mean"), "after": after.get(k, {}).get("mean"),
+             "n": after.get(k, {}).get("n")} for k in SHOWN_METRICS]
+    per_request = [{"subject": r.subject, "prompt": r.prompt_text, "true": r.target_true, "new": r.target_new,
+                    **{f"{k} before": b.get(k) for k in ("efficacy_success", "specificity_success")},
+                    **{f"{k} after": a.get(k) for k in ("efficacy_success", "specificity_success",
+                                                        "generalisation_success")}}
+                   for r, b, a in zip(reqs, metrics["before"]["per_request"], metrics["after"]["per_request"],
+                                      strict=True)]
+    change = metrics["change"]
+    summary = {"method": es.method, "layer": es.layer, "requests": len(reqs),
+               "key statistics from": es.corpus or f"{es.corpus_texts} texts the model generated (no --corpus)",
+               "log-perplexity change": change.get("log_perplexity_change")}
+    return {"title": f"kcircuits edit: {es.method} at layer {es.layer}",
+            "summary": {k: v for k, v in summary.items() if v is not None},
+            "tables": [{"title": "Edit metrics (means over requests)", "rows": rows},
+                       {"title": "Per request", "rows": per_request}],
+            "config": run.config}

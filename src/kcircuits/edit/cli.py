@@ -1,4 +1,5 @@
-"""``kcircuits trace RELATION``: a thin wrapper over :func:`kcircuits.edit.api.trace`.
+"""``kcircuits trace RELATION`` and ``kcircuits edit SOURCE``: thin wrappers over :func:`kcircuits.edit.api.trace`
+and :func:`kcircuits.edit.api.edit`.
 
 The options come from :class:`~kcircuits.edit.settings.TraceSettings`; only the inputs (relation,
 model, folder) are declared here. Wired into the main CLI with ``add_parser(sub)`` in ``build_parser``
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from kcircuits.edit.settings import TraceSettings
+from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, TraceSettings, ValueSettings
 from kcircuits.settings import add_arguments, from_args
 
 
@@ -39,4 +40,38 @@ def run(args: argparse.Namespace) -> None:
     if res.critical_layer is not None:
         print(f"critical layer: {res.critical_layer} "
               "(largest MLP effect at the subject's last token; ROME's edit layer)")
+    print(f"report: {res.report}")
+
+
+def add_edit_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``edit`` to the main CLI's subparsers: options from EditSettings, RequestSettings,
+    ValueSettings and FinetuneOptions."""
+    p = subparsers.add_parser("edit", help="write new facts into the model (ROME, ...) and measure efficacy, "
+                                           "generalisation, specificity and fluency before and after")
+    p.add_argument("source", help="a bundled relation (new targets drawn from its objects), a relation file, or a "
+                                  "CounterFact / zsRE .json file of edit requests")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
+    p.add_argument("--out", help="run folder (default: runs/edit_<source>_<model>_<method>_<config hash>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(p, EditSettings, group=p.add_argument_group("edit settings"))
+    add_arguments(p, RequestSettings, group=p.add_argument_group("requests"))
+    add_arguments(p, ValueSettings, group=p.add_argument_group("value optimisation (ROME, MEMIT)"))
+    add_arguments(p, FinetuneOptions, group=p.add_argument_group("fine-tuning (FT-L, FT-M)"))
+    return p
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    """Run ``kcircuits edit`` from the parsed command line; print the metrics' means before and after."""
+    from kcircuits.edit.api import SHOWN_METRICS, edit
+
+    res = edit(args.source, args.model, out=args.out, settings=from_args(EditSettings, args),
+               requests=from_args(RequestSettings, args), value=from_args(ValueSettings, args),
+               finetune=from_args(FinetuneOptions, args),
+               progress=not args.quiet)
+    before, after = res.metrics["before"]["summary"], res.metrics["after"]["summary"]
+    print(f"{res.metrics['after']['n_requests']} requests; means before -> after:")
+    for key in SHOWN_METRICS:
+        b, a = before.get(key, {}).get("mean"), after.get(key, {}).get("mean")
+        if a is not None:
+            print(f"  {key:<28}{b:>8.3f} -> {a:.3f}")
     print(f"report: {res.report}")

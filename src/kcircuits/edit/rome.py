@@ -25,21 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from kcircuits.data.prompts import answer_token_ids
+from kcircuits.edit.registry import EditInputs, register
+from kcircuits.edit.settings import ValueSettings  # noqa: F401  (re-exported: ROME's value settings)
 from kcircuits.edit.stats import MlpOutput, body, capture_keys, mlp_output
 from kcircuits.edit.updates import rank_one_update
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
-
-
-@dataclass(frozen=True)
-class ValueSettings:
-    """How ``v*`` is optimised (ROME's defaults for GPT-2 XL: 20 steps, lr 0.5, KL 0.0625, clamp 4, decay 0.5)."""
-
-    steps: int = 20
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm: float = 4.0
-    weight_decay: float = 0.5
+from kcircuits.models.edits import edited
 
 
 @dataclass(frozen=True)
@@ -62,7 +54,7 @@ def subject_position(tokenizer, text_before_subject: str, subject: str) -> int:
     return n - 1
 
 
-def _split(prompt: str, subject: str) -> tuple[str, str]:
+def split_template(prompt: str, subject: str) -> tuple[str, str]:
     """The template's text before and after its ``{}``, checked."""
     if prompt.count("{}") != 1:
         raise KcircuitsError(f"the edit prompt must contain the subject's place '{{}}' exactly once: {prompt!r}")
@@ -77,7 +69,7 @@ def subject_key(lm: LoadedModel, target: MlpOutput, prompt: str, subject: str,
                 prefixes: Sequence[str] = ("",)) -> torch.Tensor:
     """``k* [d_mlp]``: the output projection's input at the subject's last token, averaged over
     ``prefix + prompt`` for each of ``prefixes``."""
-    before, after = _split(prompt, subject)
+    before, after = split_template(prompt, subject)
     keys = []
     with capture_keys(target) as seen:
         for prefix in prefixes:
@@ -90,22 +82,24 @@ def subject_key(lm: LoadedModel, target: MlpOutput, prompt: str, subject: str,
 
 
 @contextmanager
-def _added_at(target: MlpOutput, delta: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
-    """Add ``delta [d_model]`` to the MLP output of sequence i at position ``positions[i]``."""
-    def hook(module, inputs, output):
-        rows = torch.arange(len(positions), device=output.device)
-        extra = torch.zeros_like(output)
-        extra[rows, positions] = delta.to(output.dtype)
-        return output + extra
+def added_at(module: torch.nn.Module, delta: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Inside the block, add ``delta [d_model]`` to ``module``'s output ``[b, p, d_model]`` (a tensor, or
+    the first element of a tuple, as decoder layers return) of sequence i at position ``positions[i]``."""
+    def hook(mod, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows = torch.arange(len(positions), device=hidden.device)
+        extra = torch.zeros_like(hidden)
+        extra[rows, positions] = delta.to(hidden.dtype)
+        return (hidden + extra, *output[1:]) if isinstance(output, tuple) else hidden + extra
 
-    handle = target.module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-def _teacher_forced(lm: LoadedModel, texts: list[str], targets: list[list[int]]):
+def teacher_forced_batch(lm: LoadedModel, texts: list[str], targets: list[list[int]]):
     """Right-padded ids ``[n, T]``, attention mask, and the positions whose logits score each target
     token: ``score_pos [n, t_max]``, ``score_ids [n, t_max]``, ``score_mask [n, t_max]``."""
     rows = [lm.tokenizer(t, add_special_tokens=False).input_ids + tgt[:-1] for t, tgt in zip(texts, targets,
@@ -127,22 +121,34 @@ def _teacher_forced(lm: LoadedModel, texts: list[str], targets: list[list[int]])
 
 def target_value(lm: LoadedModel, target: MlpOutput, key: torch.Tensor, prompt: str, subject: str, new_target: str,
                  prefixes: Sequence[str] = ("",), settings: ValueSettings | None = None) -> torch.Tensor:
-    """``v* [d_model]`` for writing ``new_target`` after ``prompt`` (see the module docstring)."""
+    """``v* [d_model]`` for writing ``new_target`` after ``prompt`` at ``target`` (the MLP's output matrix),
+    starting from ``v0 = W k (+ b)`` of ``key [d_mlp]`` (see the module docstring)."""
+    with torch.no_grad():
+        v0 = key.to(lm.dtype) @ target.matrix(lm).T
+        bias = target.bias_vector(lm)
+        v0 = v0 + bias if bias is not None else v0
+    return optimised_value(lm, target.module, v0, prompt, subject, new_target, prefixes, settings)
+
+
+def optimised_value(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, prompt: str, subject: str,
+                    new_target: str, prefixes: Sequence[str] = ("",),
+                    settings: ValueSettings | None = None) -> torch.Tensor:
+    """``v0 + δ [d_model]``: ``δ`` added to ``module``'s output at the subject's last token (ROME: the MLP
+    output; MEMIT: a decoder layer's residual output) and optimised for ``new_target`` after ``prompt``
+    (a template with ``{}`` for ``subject``) on each of ``prefixes``, with ROME's KL, weight-decay and
+    norm-clamp terms relative to ``‖v0‖`` (``settings``: :class:`ValueSettings`)."""
     st = settings or ValueSettings()
-    before, after = _split(prompt, subject)
+    before, after = split_template(prompt, subject)
     texts = [p + before + subject + after for p in prefixes]
     targets = [answer_token_ids(lm.tokenizer, t, new_target) for t in texts]
     if not all(targets):
         raise KcircuitsError(f"the new target {new_target!r} tokenises to nothing")
     positions = torch.tensor([subject_position(lm.tokenizer, p + before, subject) for p in prefixes], device=lm.device)
-    ids, mask, score_pos, score_ids, score_mask = _teacher_forced(lm, texts, targets)
+    ids, mask, score_pos, score_ids, score_mask = teacher_forced_batch(lm, texts, targets)
     essence = lm.tokenizer(f"{subject} is a", add_special_tokens=False).input_ids
     essence_ids = torch.tensor([essence], device=lm.device)
     essence_pos = torch.tensor([subject_position(lm.tokenizer, "", subject)], device=lm.device)
     with torch.no_grad():
-        v0 = key.to(lm.dtype) @ target.matrix(lm).T
-        bias = target.bias_vector(lm)
-        v0 = v0 + bias if bias is not None else v0
         base = F.log_softmax(lm.hf_model(input_ids=essence_ids).logits[0, -1].float(), -1)
     delta = torch.zeros_like(v0, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=st.lr)
@@ -153,11 +159,11 @@ def target_value(lm: LoadedModel, target: MlpOutput, key: torch.Tensor, prompt: 
     try:
         for _ in range(st.steps):
             opt.zero_grad()
-            with _added_at(target, delta, positions):
+            with added_at(module, delta, positions):
                 logits = lm.hf_model(input_ids=ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits.gather(1, score_pos[..., None].expand(-1, -1, logits.shape[-1])), -1)
                 nll = -(logp.gather(-1, score_ids[..., None])[..., 0] * score_mask).sum(1) / score_mask.sum(1)
-            with _added_at(target, delta, essence_pos):
+            with added_at(module, delta, essence_pos):
                 new = F.log_softmax(lm.hf_model(input_ids=essence_ids).logits[0, -1].float(), -1)
             kl = F.kl_div(new, base, log_target=True, reduction="sum")  # KL(base ‖ new)
             loss = nll.mean() + st.kl_factor * kl + st.weight_decay * delta.norm() ** 2 / v0.float().norm() ** 2
@@ -186,3 +192,26 @@ def rome_edit(lm: LoadedModel, prompt: str, subject: str, new_target: str, layer
     wanted = value - bias if bias is not None else value
     dW = rank_one_update(target.matrix(lm).detach(), key, wanted.detach(), C.to(key.device))
     return RomeEdit(layer, key, value, target.delta(dW))
+
+
+@register("rome", "one rank-one update of --layer's MLP per request, the requests written one after another")
+def apply_rome(lm: LoadedModel, requests: Sequence, inputs: EditInputs) -> dict[str, torch.Tensor]:
+    """The edit registry's ROME: :func:`rome_edit` for each of ``requests`` (:class:`EditRequest` s) in turn,
+    each computed on the model ``lm`` with the earlier ones applied (sequential editing, as in the ROME
+    paper); returns the summed delta.
+
+    ``inputs`` (:class:`~kcircuits.edit.registry.EditInputs`): ``edit.layer`` is the layer, ``value`` the
+    value optimisation, ``key_stats(layer)`` the layer's key second moment (of the unedited model: keys
+    at the edited layer do not depend on its own output matrix), ``prefixes`` the contexts."""
+    edit = inputs.edit
+    if edit.n_layers != 1:
+        raise KcircuitsError(f"ROME edits one layer; got --n-layers {edit.n_layers} (use memit to spread an edit)")
+    C = inputs.key_stats(edit.layer)
+    total: dict[str, torch.Tensor] = {}
+    for req in requests:
+        with edited(lm, total):
+            step = rome_edit(lm, req.prompt, req.subject, req.target_new, edit.layer, C, prefixes=inputs.prefixes,
+                             settings=inputs.value)
+        for name, delta in step.delta.items():
+            total[name] = total[name] + delta if name in total else delta
+    return total

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kcircuits.errors import KcircuitsError
 from kcircuits.settings import DTYPES, finite_number, one_of, option, require, set_field, whole_number
 
-__all__ = ["TRACE_KINDS", "TraceSettings"]
+__all__ = ["TRACE_KINDS", "EditSettings", "FinetuneOptions", "RequestSettings", "TraceSettings", "ValueSettings"]
 
 #: the states causal tracing restores (the same names, in the same order, as kcircuits.edit.trace.KINDS)
 TRACE_KINDS = ("hidden", "mlp", "attn")
@@ -75,3 +76,113 @@ class TraceSettings:
         set_field(self, "batch_size", whole_number(self.batch_size, "--batch-size", 1))
         require(self.device is None or isinstance(self.device, str), f"device must be a string, got {self.device!r}")
         one_of(self.dtype, DTYPES, "--dtype")
+
+
+def _edit_methods() -> tuple[str, ...]:
+    from kcircuits.edit.registry import edit_method_names
+
+    return edit_method_names()
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """Which edit requests ``kcircuits edit SOURCE`` makes (:func:`kcircuits.edit.requests.load_requests`)."""
+
+    n: int = option(10, "number of edit requests (a relation: seeded subjects; a file: its first N records)")
+    n_paraphrases: int = option(2, "paraphrase prompts per request (a relation's other templates)")
+    n_neighbours: int = option(5, "neighbourhood prompts per request (other subjects whose answer must not change)")
+
+    def __post_init__(self) -> None:
+        set_field(self, "n", whole_number(self.n, "--n", 1))
+        set_field(self, "n_paraphrases", whole_number(self.n_paraphrases, "--n-paraphrases", 0))
+        set_field(self, "n_neighbours", whole_number(self.n_neighbours, "--n-neighbours", 0))
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """How ROME/MEMIT optimise the value they write (ROME's defaults for GPT-2 XL: 20 steps, lr 0.5,
+    KL factor 0.0625, clamp 4, weight decay 0.5)."""
+
+    steps: int = option(20, "optimisation steps of the value written (ROME/MEMIT)", flag="--v-steps")
+    lr: float = option(0.5, "learning rate of the value's optimisation (Adam)", flag="--v-lr", type=float)
+    kl_factor: float = option(0.0625, "weight of the KL term keeping '{subject} is a' as it was", type=float)
+    clamp_norm: float = option(4.0, "the value's change is at most this times the original value's norm",
+                               type=float)
+    weight_decay: float = option(0.5, "weight of ||change||^2 / ||value||^2 in the value's loss", type=float)
+
+    def __post_init__(self) -> None:
+        set_field(self, "steps", whole_number(self.steps, "--v-steps", 0))
+        for name in ("lr", "kl_factor", "clamp_norm", "weight_decay"):
+            flag = "--v-lr" if name == "lr" else "--" + name.replace("_", "-")
+            set_field(self, name, finite_number(getattr(self, name), flag))
+            require(getattr(self, name) >= 0, f"{flag} must be >= 0, got {getattr(self, name):g}")
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """FT-L / FT-M on the command line (:class:`kcircuits.edit.finetune.FinetuneSettings` is built from
+    these and the edited layers): ROME's FT-L bounds each weight's change by 5e-4 on GPT-2 XL."""
+
+    ft_steps: int = option(25, "fine-tuning steps at most (FT-L, FT-M)")
+    ft_lr: float = option(5e-4, "fine-tuning learning rate (Adam)", type=float)
+    ft_bound: float = option(5e-4, "FT-L: every weight's change stays within +-this (L-infinity)", type=float)
+    ft_loss: str = option("mean", "a request's loss: mean or sum of its target tokens' NLL", choices=("mean", "sum"))
+    loss_margin: float | None = option(None, "stop once every target token is top-1 by more than this logit "
+                                       "margin (default: run every step)", type=float)
+
+    def __post_init__(self) -> None:
+        set_field(self, "ft_steps", whole_number(self.ft_steps, "--ft-steps", 0))
+        for name, flag in (("ft_lr", "--ft-lr"), ("ft_bound", "--ft-bound")):
+            set_field(self, name, finite_number(getattr(self, name), flag))
+            require(getattr(self, name) > 0, f"{flag} must be > 0, got {getattr(self, name):g}")
+        one_of(self.ft_loss, ("mean", "sum"), "--ft-loss")
+        if self.loss_margin is not None:
+            set_field(self, "loss_margin", finite_number(self.loss_margin, "--loss-margin"))
+            require(self.loss_margin >= 0, f"--loss-margin must be >= 0, got {self.loss_margin:g}")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How ``kcircuits edit`` writes the requests: the method, where, and with which key statistics."""
+
+    method: str = option("rome", "edit method", choices=_edit_methods)
+    layer: int | None = option(None, "the MLP layer edited (ROME, FT; MEMIT: the last layer of its range); "
+                               "`kcircuits trace RELATION` prints the critical layer", type=int)
+    n_layers: int = option(1, "layers edited, ending at --layer (MEMIT spreads each edit over them, FT-L/FT-M "
+                           "train them; ROME edits one)")
+    corpus: str | None = option(None, "text file, JSONL (a 'text' field per line) or folder of .txt files for the "
+                                "key statistics (default: text the model generates from neutral prefixes)")
+    corpus_texts: int = option(64, "texts the model generates for the key statistics when no --corpus is given")
+    corpus_tokens: int = option(64, "tokens per generated text (key statistics and the held-out perplexity texts)")
+    perplexity_texts: int = option(16, "generated held-out texts whose log-perplexity is compared before and after")
+    n_prefixes: int = option(5, "context prefixes (generated) the key is averaged over, besides the bare prompt")
+    covariance_weight: float = option(15000.0, "MEMIT: weight of keeping other keys' values (lambda)", type=float)
+    generation_tokens: int = option(32, "tokens generated per generation prompt for the fluency metric (0: skip)")
+    seed: int = option(0, "seed of the requests drawn from a relation, the generated corpus and the prefixes")
+    batch_size: int = option(16, "sequences per forward pass (memory, not results)", hashed=False)
+    device: str | None = option("cpu", "cpu, cuda, cuda:N or auto", hashed=False)
+    dtype: str = option("float32", "weights' dtype", choices=DTYPES)
+
+    def __post_init__(self) -> None:
+        one_of(self.method, _edit_methods(), "edit method")
+        if self.layer is not None:
+            set_field(self, "layer", whole_number(self.layer, "--layer", 0))
+        set_field(self, "n_layers", whole_number(self.n_layers, "--n-layers", 1))
+        set_field(self, "corpus_texts", whole_number(self.corpus_texts, "--corpus-texts", 1))
+        set_field(self, "corpus_tokens", whole_number(self.corpus_tokens, "--corpus-tokens", 1))
+        set_field(self, "perplexity_texts", whole_number(self.perplexity_texts, "--perplexity-texts", 0))
+        set_field(self, "n_prefixes", whole_number(self.n_prefixes, "--n-prefixes", 0))
+        set_field(self, "covariance_weight", finite_number(self.covariance_weight, "--covariance-weight"))
+        require(self.covariance_weight >= 0, f"--covariance-weight must be >= 0, got {self.covariance_weight:g}")
+        set_field(self, "generation_tokens", whole_number(self.generation_tokens, "--generation-tokens", 0))
+        set_field(self, "seed", whole_number(self.seed, "--seed"))
+        set_field(self, "batch_size", whole_number(self.batch_size, "--batch-size", 1))
+        require(self.device is None or isinstance(self.device, str), f"device must be a string, got {self.device!r}")
+        one_of(self.dtype, DTYPES, "--dtype")
+
+    def layers(self) -> list[int]:
+        """The ``n_layers`` layers ending at ``layer`` (MEMIT's range, FT's trained layers)."""
+        if self.layer is None:
+            raise KcircuitsError("give the MLP layer to edit with --layer; `kcircuits trace RELATION` prints the "
+                                 "critical layer, ROME's choice")
+        return list(range(self.layer - self.n_layers + 1, self.layer + 1))

@@ -141,17 +141,16 @@ def generated_corpus(lm: LoadedModel, n_texts: int = 64, n_tokens: int = 64, see
     hit = cache.read_json("generated_corpus", key)
     if isinstance(hit, list) and len(hit) == n_texts:
         return hit
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     texts = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded sampling that leaves the caller's RNG alone
+        torch.manual_seed(seed)
         for i in range(n_texts):
             ids = torch.tensor([lm.tokenizer(NEUTRAL_PREFIXES[i % len(NEUTRAL_PREFIXES)],
                                              add_special_tokens=False).input_ids], device=lm.device)
-            for _ in range(n_tokens):
-                logits = lm.hf_model(input_ids=ids).logits[0, -1].float().cpu()
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-                ids = torch.cat([ids, nxt.to(lm.device)[None]], dim=1)
-            texts.append(lm.tokenizer.decode(ids[0]))
+            out = lm.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                                       temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                       pad_token_id=lm.pad_token_id)
+            texts.append(lm.tokenizer.decode(out[0]))
     cache.write_json("generated_corpus", key, texts)
     return texts
 

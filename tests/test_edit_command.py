@@ -1,0 +1,100 @@
+"""``kcircuits edit`` / ``kcircuits.edit.api.edit`` end to end on a tiny model: the run folder, the model
+left as it was, the metrics before and after, reuse on a rerun, and bad input refused before any folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kcircuits.edit.rome as rome
+from kcircuits.cli import main
+from kcircuits.edit import api
+from kcircuits.errors import KcircuitsError
+from kcircuits.models import load_model
+
+FAST = dict(n=2, n_paraphrases=1, n_neighbours=2, corpus_texts=4, corpus_tokens=24, perplexity_texts=1,
+            n_prefixes=1, generation_tokens=2, steps=4, lr=0.1, kl_factor=0.0, weight_decay=0.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_smol_dir):
+    return load_model(tiny_smol_dir)
+
+
+def test_edit_writes_its_folder_and_leaves_the_model_as_it_was(tiny, tmp_path, monkeypatch):
+    before = tiny.fingerprint
+    res = api.edit("country_capital", tiny, out=tmp_path / "e", layer=0, **FAST)
+    for name in ("config.json", "edits.json", "delta.safetensors", "edit_metrics.json", "report.html"):
+        assert (res.folder / name).exists(), name
+    assert tiny.fingerprint == before  # the edit was applied only while measuring
+    m = json.loads((res.folder / "edit_metrics.json").read_text())
+    b, a = m["before"]["summary"], m["after"]["summary"]
+    assert a["logprob_new"]["mean"] > b["logprob_new"]["mean"]  # the new targets became more likely
+    assert m["change"]["n_requests"] == 2
+    edits = json.loads((res.folder / "edits.json").read_text())
+    assert edits["method"] == "rome" and len(edits["requests"]) == 2
+    out_matrix = next(b for b in tiny.layout.blocks("m0") if b.role == "W_out")
+    assert set(res.deltas) == {out_matrix.param_name}  # only layer 0's MLP output matrix changes
+    # a rerun reuses the delta and the metrics
+    monkeypatch.setattr(rome, "rome_edit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = api.edit("country_capital", tiny, out=tmp_path / "e", layer=0, **FAST)
+    stored = json.loads((res.folder / "edit_metrics.json").read_text())
+    assert json.dumps(again.metrics, sort_keys=True) == json.dumps(stored, sort_keys=True)  # NaN-safe equality
+
+
+@pytest.mark.parametrize("options,message", [({}, "give the MLP layer"), ({"layer": 7}, "out of range"),
+                                              ({"layer": 0, "n": 0}, "--n must be >= 1"),
+                                              ({"layer": 0, "method": "nope"}, "unknown edit method")])
+def test_bad_edit_input_fails_with_no_folder(tiny, tmp_path, options, message):
+    with pytest.raises(KcircuitsError, match=message):
+        api.edit("country_capital", tiny, out=tmp_path / "x", **{**FAST, **options})
+    assert not (tmp_path / "x").exists()
+
+
+def test_edit_command_line(tiny_smol_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["edit", "country_capital", "--model", tiny_smol_dir, "--layer", "0", "--n", "1", "--n-neighbours", "1",
+            "--n-paraphrases", "1", "--corpus-texts", "4", "--corpus-tokens", "24", "--perplexity-texts", "0",
+            "--n-prefixes", "0", "--generation-tokens", "0", "--v-steps", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "efficacy_success" in out and "report:" in out
+    assert main(["edit", "country_capital", "--model", tiny_smol_dir, "--layer", "-1"]) == 2
+    assert "--layer must be >= 0" in capsys.readouterr().err
+
+
+def test_memit_through_the_edit_command_writes_all_requests_at_once(tiny, tmp_path):
+    """The registered MEMIT (its spread over several layers is tested in tests/test_memit.py; this 2-layer
+    model has one layer before the last): only that layer's output matrix changes and the new targets
+    become more likely."""
+    res = api.edit("country_capital", tiny, out=tmp_path / "m", method="memit", layer=0, n_layers=1,
+                   covariance_weight=0.0, **FAST)
+    expected = {next(b for b in tiny.layout.blocks("m0") if b.role == "W_out").param_name}
+    assert set(res.deltas) == expected
+    b, a = res.metrics["before"]["summary"], res.metrics["after"]["summary"]
+    assert a["logprob_new"]["mean"] > b["logprob_new"]["mean"]
+
+
+@pytest.mark.parametrize("method", ["ft-l", "ft-m"])
+def test_fine_tuning_edits_through_the_edit_command(tiny, tmp_path, method):
+    """FT-L keeps every weight within --ft-bound; both raise the new targets' likelihood, touching only the
+    edited layer's output matrix."""
+    res = api.edit("country_capital", tiny, out=tmp_path / method, method=method, layer=1, ft_steps=10, ft_lr=1e-2,
+                   **FAST)
+    (name, delta), = res.deltas.items()
+    assert name == next(b for b in tiny.layout.blocks("m1") if b.role == "W_out").param_name
+    if method == "ft-l":
+        assert float(delta.abs().max()) <= 5e-4 + 1e-7  # the default --ft-bound
+    b, a = res.metrics["before"]["summary"], res.metrics["after"]["summary"]
+    assert a["logprob_new"]["mean"] > b["logprob_new"]["mean"]
+
+
+def test_the_edit_settings_name_each_option_once():
+    """``edit(..., name=value)`` finds a field by name in one settings class: a name in two would reach only one."""
+    from dataclasses import fields
+
+    from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, ValueSettings
+
+    names = [f.name for cls in (EditSettings, RequestSettings, ValueSettings, FinetuneOptions) for f in fields(cls)]
+    assert len(names) == len(set(names))
