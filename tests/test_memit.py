@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcircuits.data import load_dataset
 from kcircuits.edit.memit import memit_deltas, residual_target, spread_deltas, subject_residuals
 from kcircuits.edit.requests import EditRequest
 from kcircuits.edit.rome import ValueSettings, rome_edit
@@ -17,6 +16,7 @@ from kcircuits.errors import KcircuitsError
 from kcircuits.models import from_hf
 from kcircuits.models.edits import edited
 from kcircuits.steps import StepCache
+from tests.edit_helpers import answer_logprob, statistics_corpus
 from tests.model_helpers import tiny_hf
 
 PROMPT = "The capital of {} is"
@@ -35,18 +35,9 @@ def lm(request, smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def C_of(lm, tmp_path_factory):
     """Each layer's key second moment on a small corpus (~700 tokens: more than the tiny MLPs' hidden sizes)."""
-    ds = load_dataset("country_capital")
-    texts = [t.format(s["subject"]) + " " + s["object"] + "." for s in ds.samples for t in ds.prompt_templates][:80]
+    texts = statistics_corpus()
     cache = StepCache(tmp_path_factory.mktemp("memit-stats"))
     return lambda layer: key_second_moment(lm, layer, texts, cache=cache)
-
-
-def answer_logprob(lm, text: str, answer: str) -> float:
-    ids = lm.tokenizer(text + " " + answer, add_special_tokens=False).input_ids
-    n = len(lm.tokenizer(text, add_special_tokens=False).input_ids)
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.hf_model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    return float(sum(logp[i - 1, ids[i]] for i in range(n, len(ids))))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

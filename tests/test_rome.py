@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcircuits.data import load_dataset
 from kcircuits.edit.rome import ValueSettings, rome_edit, subject_key, target_value
 from kcircuits.edit.stats import capture_keys, key_second_moment, mlp_output
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import from_hf
 from kcircuits.models.edits import edited
 from kcircuits.steps import StepCache
+from tests.edit_helpers import answer_logprob, statistics_corpus
 from tests.model_helpers import tiny_hf
 
 PROMPT, SUBJECT, NEW = "The capital of {} is", "France", "Berlin"
@@ -23,23 +23,9 @@ def lm(request, smollm2_tokenizer):
     return from_hf(hf, smollm2_tokenizer, name=f"tiny-{request.param}")
 
 
-def corpus() -> list[str]:
-    ds = load_dataset("country_capital")
-    texts = [t.format(s["subject"]) + " " + s["object"] + "." for s in ds.samples for t in ds.prompt_templates]
-    return texts[:80]  # ~700 tokens: more than the tiny MLPs' hidden sizes, so C is invertible
-
-
-def answer_logprob(lm, text: str, answer: str) -> float:
-    ids = lm.tokenizer(text + " " + answer, add_special_tokens=False).input_ids
-    n = len(lm.tokenizer(text, add_special_tokens=False).input_ids)
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.hf_model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    return float(sum(logp[i - 1, ids[i]] for i in range(n, len(ids))))
-
-
 def test_the_edit_maps_the_key_to_the_value_with_rank_one(lm, tmp_path):
     layer = 0  # an edit at the subject reaches the answer through a later layer's attention
-    C = key_second_moment(lm, layer, corpus(), cache=StepCache(tmp_path))
+    C = key_second_moment(lm, layer, statistics_corpus(), cache=StepCache(tmp_path))
     before = answer_logprob(lm, PROMPT.format(SUBJECT), NEW)
     # plain likelihood ascent (no KL, no decay): the tiny random models' scales are not GPT-2 XL's
     edit = rome_edit(lm, PROMPT, SUBJECT, NEW, layer, C, settings=ValueSettings(steps=8, lr=0.1, kl_factor=0.0,
@@ -73,7 +59,7 @@ def test_the_value_optimisation_respects_its_norm_clamp(lm):
 
 def test_key_statistics_are_cached_by_weights_layer_and_corpus(lm, tmp_path):
     cache = StepCache(tmp_path)
-    texts = corpus()[:40]
+    texts = statistics_corpus()[:40]
     C = key_second_moment(lm, 0, texts, cache=cache)
     assert torch.allclose(C, C.T) and torch.linalg.eigvalsh(C).min() > -1e-9  # a second moment
     assert torch.equal(key_second_moment(lm, 0, texts, cache=cache), C)
