@@ -73,6 +73,7 @@ FUNCTIONS = [
     "kcircuits.edit.finetune:apply_ft_m",
     "kcircuits.edit.finetune:finetune_deltas",
     "kcircuits.edit.api:edit",
+    "kcircuits.edit.api:edit_bench",
     "kcircuits.edit.stats:key_second_moment",
     # influence functions
     "kcircuits.influence.api:fit",
@@ -135,6 +136,9 @@ def _edit(name: str) -> list[type]:
 
 #: Functions that take settings fields by name: their help text must list every field of these classes.
 SETTINGS_TAKERS = {
+    "kcircuits.edit.api:edit_bench": lambda: [getattr(importlib.import_module("kcircuits.edit.settings"), n)
+                                              for n in ("EditSettings", "RequestSettings", "ValueSettings",
+                                                        "FinetuneOptions")],
     "kcircuits.edit.api:edit": lambda: [getattr(importlib.import_module("kcircuits.edit.settings"), n)
                                         for n in ("EditSettings", "RequestSettings", "ValueSettings",
                                                   "FinetuneOptions")],

@@ -98,3 +98,34 @@ def test_the_edit_settings_name_each_option_once():
 
     names = [f.name for cls in (EditSettings, RequestSettings, ValueSettings, FinetuneOptions) for f in fields(cls)]
     assert len(names) == len(set(names))
+
+
+def test_the_generated_corpus_is_seeded_cached_and_starts_from_the_neutral_prefixes(tiny, tmp_path):
+    from kcircuits.edit.stats import NEUTRAL_PREFIXES, generated_corpus
+    from kcircuits.steps import StepCache
+
+    cache = StepCache(tmp_path)
+    texts = generated_corpus(tiny, n_texts=20, n_tokens=6, seed=0, cache=cache)
+    assert len(texts) == 20 and all(any(t.startswith(p) for p in NEUTRAL_PREFIXES) for t in texts)
+    assert generated_corpus(tiny, n_texts=20, n_tokens=6, seed=0) == texts  # seeded: the same without the cache
+    assert generated_corpus(tiny, n_texts=20, n_tokens=6, seed=1) != texts
+    assert len(list((tmp_path / "generated_corpus").iterdir())) == 1
+
+
+def test_edit_bench_runs_every_method_on_the_same_requests(tiny_smol_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["edit-bench", "country_capital", "--methods", "rome,ft-m", "--model", tiny_smol_dir, "--layer", "0",
+            "--n", "2", "--n-neighbours", "1", "--n-paraphrases", "1", "--corpus-texts", "4", "--corpus-tokens", "24",
+            "--perplexity-texts", "0", "--n-prefixes", "0", "--generation-tokens", "0", "--v-steps", "2",
+            "--ft-steps", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    bench = next((tmp_path / "runs").glob("edit-bench_*")) / "bench.json"
+    rows = json.loads(bench.read_text())["rows"]
+    assert [(r["method"], r["n_requests"]) for r in rows] == [("rome", 2), ("ft-m", 2)]
+    assert all(r["seconds_per_edit"] is not None and r["seconds_per_edit"] >= 0 for r in rows)
+    edits = [json.loads(p.read_text())["requests"] for p in sorted(bench.parent.glob("*/edits.json"))]
+    assert len(edits) == 2 and edits[0] == edits[1]  # the same requests through every method
+    assert "rome" in out and "ft-m" in out
+    assert main(["edit-bench", "country_capital", "--methods", "rome,nope", "--layer", "0"]) == 2
+    assert "unknown edit method 'nope'" in capsys.readouterr().err

@@ -124,11 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_influence(sub)
 
-    from kcircuits.edit.cli import add_edit_parser
+    from kcircuits.edit.cli import add_bench_parser, add_edit_parser
     from kcircuits.edit.cli import add_parser as add_trace
 
     add_trace(sub)
     add_edit_parser(sub)
+    add_bench_parser(sub)
 
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
@@ -204,6 +205,12 @@ def _edit(args) -> None:
     from kcircuits.edit.cli import run_edit
 
     run_edit(args)
+
+
+def _edit_bench(args) -> None:
+    from kcircuits.edit.cli import run_bench
+
+    run_bench(args)
 
 
 def _trace(args) -> None:
@@ -284,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = sys.modules.get("kcircuits.runs")
     made_before = len(runs.CREATED) if runs is not None else 0
     handlers = {"discover": _discover, "select": _select, "evaluate": _evaluate, "compare": _compare, "study": _study,
-                "influence": _influence, "trace": _trace, "edit": _edit, "datasets": _datasets, "models": _models}
+                "influence": _influence, "trace": _trace, "edit": _edit, "edit-bench": _edit_bench,
+                "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)
     except KcircuitsError as exc:

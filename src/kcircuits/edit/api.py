@@ -10,7 +10,8 @@ gets a trace of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -42,8 +43,8 @@ from kcircuits.settings import (
 )
 from kcircuits.steps import StepCache
 
-__all__ = ["TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings", "context_prefixes", "edit", "trace",
-           "trace_prompts"]
+__all__ = ["BENCH_METRICS", "TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings", "context_prefixes", "edit",
+           "edit_bench", "read_timings", "trace", "trace_prompts"]
 
 #: the run folder's trace: TraceResult.to_json() plus the relation and a summary of the probabilities
 TRACE_FILE = "trace.json"
@@ -384,3 +385,105 @@ def _edit_report(run: RunFolder, es: EditSettings, reqs: list, metrics: dict) ->
             "tables": [{"title": "Edit metrics (means over requests)", "rows": rows},
                        {"title": "Per request", "rows": per_request}],
             "config": run.config}
+
+
+# --------------------------------------------------------------------------- kcircuits edit-bench
+#: the edit-bench table's columns: the mean after the edit of each metric
+BENCH_METRICS = ("efficacy_success", "generalisation_success", "specificity_success", "fluency")
+
+
+def edit_bench(sources: Sequence[str], model: str | LoadedModel = "smollm2-135m", *,
+               methods: Sequence[str] = ("rome", "memit", "ft-l", "ft-m"), out: str | Path | None = None,
+               settings: EditSettings | None = None, requests: RequestSettings | None = None,
+               value: ValueSettings | None = None, finetune: FinetuneOptions | None = None, progress: bool = True,
+               **options) -> dict:
+    """The same edit requests through several edit methods: one table of efficacy, generalisation,
+    specificity and fluency (means after the edit, with the unedited model's beside them) and the
+    time per edit.
+
+    Each (source, method) is one :func:`edit` run in a subfolder of the bench folder (so it is reused by
+    a rerun, and its report, delta and metrics stay available); the time per edit is the method's own
+    step from that run's ``timings.json``, without the key statistics (computed once per layer and cached).
+
+    Args:
+        sources: relations or request files, each edited separately with every method.
+        model: ``"smollm2-135m"``, a local HF folder, a hub id or a :class:`~kcircuits.models.LoadedModel`.
+        methods: registered edit methods (``kcircuits.edit.registry``).
+        out: the bench folder (default ``runs/edit-bench_<sources>_<model>_<hash>``).
+        settings, requests, value, finetune: as in :func:`edit` (``settings.method`` is replaced by each method;
+            ROME edits ``settings.layer`` alone, the others ``n_layers`` layers ending there).
+        progress: show progress bars.
+
+    Returns:
+        ``bench.json``: ``{"rows": [{source, method, n_requests, <metric> before/after, seconds_per_edit}], "folder"}``.
+
+    Settings (each also accepted by field name):
+
+    """
+    given = {EditSettings: settings, RequestSettings: requests, ValueSettings: value, FinetuneOptions: finetune}
+    st = resolve_all(options, given, (EditSettings, RequestSettings, ValueSettings, FinetuneOptions), "edit-bench")
+    es, rq, vs, fs = st[EditSettings], st[RequestSettings], st[ValueSettings], st[FinetuneOptions]
+    if not sources:
+        raise KcircuitsError("give at least one relation or request file to benchmark the edit methods on")
+    methods = [get_edit_method(m).name for m in methods]  # unknown methods fail before anything is loaded
+    if not methods:
+        raise KcircuitsError("give at least one edit method (--methods rome,memit,ft-l,ft-m)")
+    for source in sources:
+        load_requests(source, rq.n, es.seed, **_relation_options(source, rq))
+    name = model_name(model)
+
+    def reproduce(lm: LoadedModel) -> dict:
+        return {"command": "edit-bench", "sources": [str(s) for s in sources], "methods": methods, "model": name,
+                "weights": lm.fingerprint, "edit": hashed_dict(es), "requests": hashed_dict(rq),
+                "value": hashed_dict(vs), "finetune": hashed_dict(fs)}
+
+    run_folder, lm = open_run("edit-bench", [Path(str(s)).stem for s in sources][:3] + [Path(name).name], reproduce,
+                              out, model, RunSettings(device=es.device, dtype=es.dtype, batch_size=es.batch_size,
+                                                      seed=es.seed), check=lambda lm: _check_layer(es, lm))
+    rows = []
+    with run_folder.removed_if_failed():
+        for source in sources:
+            for method in methods:
+                sub = run_folder.path / f"{Path(str(source)).stem}_{method}"
+                one = replace(es, method=method, n_layers=1 if method == "rome" else es.n_layers)  # ROME: one layer
+                res = edit(source, lm, out=sub, settings=one, requests=rq, value=vs, finetune=fs, progress=progress)
+                rows.append(_bench_row(str(source), method, res))
+        result = {"rows": rows, "metrics": list(BENCH_METRICS)}
+        run_folder.write_json("bench.json", result)
+        write_report(run_folder.file("report.html"), {
+            "title": f"kcircuits edit-bench: {', '.join(methods)} on {name}",
+            "summary": {"model": name, "sources": ", ".join(str(s) for s in sources), "methods": ", ".join(methods),
+                        "layer": es.layer, "requests per source": rq.n},
+            "tables": [{"title": "Edit methods on the same requests (means over requests; before -> after)",
+                        "rows": rows}],
+            "config": run_folder.config})
+    return {**result, "folder": str(run_folder.path)}
+
+
+edit_bench.__doc__ += settings_doc(EditSettings, param="settings") + "\n" + settings_doc(
+    RequestSettings, param="requests") + "\n" + settings_doc(ValueSettings, param="value") + "\n" + settings_doc(
+    FinetuneOptions, param="finetune")
+
+
+def _bench_row(source: str, method: str, res: EditOutput) -> dict:
+    """One row of the bench table from an edit run: metric means before and after, seconds per edit."""
+    before, after = res.metrics["before"]["summary"], res.metrics["after"]["summary"]
+    row: dict[str, Any] = {"source": source, "method": method, "n_requests": res.metrics["after"]["n_requests"]}
+    for key in BENCH_METRICS:
+        row[f"{key} before"] = before.get(key, {}).get("mean")
+        row[f"{key} after"] = after.get(key, {}).get("mean")
+    steps = read_timings(res.folder)
+    edit_s = steps.get(f"edit ({method})", {}).get("wall_s")
+    stats_s = steps.get("key statistics", {}).get("wall_s", 0.0)
+    row["seconds_per_edit"] = None if edit_s is None else (edit_s - stats_s) / max(row["n_requests"], 1)
+    return row
+
+
+def read_timings(folder: Path) -> dict:
+    """The steps of a run folder's ``timings.json`` (empty when the run was reused and timed nothing)."""
+    path = Path(folder) / "timings.json"
+    if not path.exists():
+        return {}
+    import json
+
+    return json.loads(path.read_text()).get("steps", {})

@@ -75,3 +75,38 @@ def run_edit(args: argparse.Namespace) -> None:
         if a is not None:
             print(f"  {key:<28}{b:>8.3f} -> {a:.3f}")
     print(f"report: {res.report}")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``edit-bench`` to the main CLI's subparsers (the edit options, less ``--method``, plus ``--methods``)."""
+    p = subparsers.add_parser("edit-bench", help="the same edit requests through several edit methods: one table "
+                                                 "of efficacy, generalisation, specificity, fluency and time per edit")
+    p.add_argument("sources", nargs="+", help="relations or request files (each edited with every method)")
+    p.add_argument("--methods", default="rome,memit,ft-l,ft-m", help="comma-separated edit methods")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (bundled), a local HF folder, or a hub id")
+    p.add_argument("--out", help="bench folder (default: runs/edit-bench_<sources>_<model>_<config hash>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(p, EditSettings, exclude=("method",), group=p.add_argument_group("edit settings"))
+    add_arguments(p, RequestSettings, group=p.add_argument_group("requests"))
+    add_arguments(p, ValueSettings, group=p.add_argument_group("value optimisation (ROME, MEMIT)"))
+    add_arguments(p, FinetuneOptions, group=p.add_argument_group("fine-tuning (FT-L, FT-M)"))
+    return p
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run ``kcircuits edit-bench`` from the parsed command line; print the table."""
+    from kcircuits.edit.api import BENCH_METRICS, edit_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    res = edit_bench(args.sources, args.model, methods=methods, out=args.out,
+                     settings=from_args(EditSettings, args, method=methods[0] if methods else "rome"),
+                     requests=from_args(RequestSettings, args), value=from_args(ValueSettings, args),
+                     finetune=from_args(FinetuneOptions, args), progress=not args.quiet)
+    print(f"{'source':<20}{'method':<8}" + "".join(f"{k.split('_')[0][:12]:>14}" for k in BENCH_METRICS)
+          + f"{'s/edit':>9}")
+    for row in res["rows"]:
+        cells = "".join(f"{row[k + ' after'] if row[k + ' after'] is not None else float('nan'):>14.3f}"
+                        for k in BENCH_METRICS)
+        secs = row["seconds_per_edit"]
+        print(f"{row['source'][:19]:<20}{row['method']:<8}{cells}{'' if secs is None else f'{secs:9.1f}'}")
+    print(f"report: {res['folder']}/report.html")

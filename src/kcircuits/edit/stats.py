@@ -132,7 +132,8 @@ def key_second_moment(lm: LoadedModel, layer: int, texts: Sequence[str], *, batc
 
 def generated_corpus(lm: LoadedModel, n_texts: int = 64, n_tokens: int = 64, seed: int = 0,
                      cache: StepCache | None = None) -> list[str]:
-    """``n_texts`` texts the model samples (temperature 1, seeded) from :data:`NEUTRAL_PREFIXES`, cached.
+    """``n_texts`` texts the model samples (temperature 1, seeded) from :data:`NEUTRAL_PREFIXES` (one batch
+    per prefix), cached.
 
     Used when no corpus is named: the keys' statistics are then those of the model's own text."""
     cache = cache or StepCache(None)
@@ -141,16 +142,18 @@ def generated_corpus(lm: LoadedModel, n_texts: int = 64, n_tokens: int = 64, see
     hit = cache.read_json("generated_corpus", key)
     if isinstance(hit, list) and len(hit) == n_texts:
         return hit
-    texts = []
+    texts: list[str] = []
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded sampling that leaves the caller's RNG alone
         torch.manual_seed(seed)
-        for i in range(n_texts):
-            ids = torch.tensor([lm.tokenizer(NEUTRAL_PREFIXES[i % len(NEUTRAL_PREFIXES)],
-                                             add_special_tokens=False).input_ids], device=lm.device)
+        for j, prefix in enumerate(NEUTRAL_PREFIXES):  # the texts of one prefix in one batch: no padding needed
+            count = len(range(j, n_texts, len(NEUTRAL_PREFIXES)))
+            if not count:
+                break
+            ids = torch.tensor([lm.tokenizer(prefix, add_special_tokens=False).input_ids], device=lm.device)
             out = lm.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                                        temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                                       pad_token_id=lm.pad_token_id)
-            texts.append(lm.tokenizer.decode(out[0]))
+                                       num_return_sequences=count, pad_token_id=lm.pad_token_id)
+            texts.extend(lm.tokenizer.decode(row) for row in out)
     cache.write_json("generated_corpus", key, texts)
     return texts
 
