@@ -4,6 +4,7 @@ left as it was, the metrics before and after, reuse on a rerun, and bad input re
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -13,7 +14,8 @@ from kcircuits.edit import api
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import load_model
 
-FAST = dict(n=2, n_paraphrases=1, n_neighbours=2, corpus_texts=4, corpus_tokens=24, perplexity_texts=1,
+FAST = dict(n=2, n_paraphrases=1, n_neighbours=2, other_relations=("country_language",), n_other=2,
+            corpus_texts=4, corpus_tokens=24, perplexity_texts=1,
             n_prefixes=1, generation_tokens=2, steps=4, lr=0.1, kl_factor=0.0, weight_decay=0.0, progress=False)
 
 
@@ -36,6 +38,10 @@ def test_edit_writes_its_folder_and_leaves_the_model_as_it_was(tiny, tmp_path, m
     assert edits["method"] == "rome" and len(edits["requests"]) == 2
     out_matrix = next(b for b in tiny.layout.blocks("m0") if b.role == "W_out")
     assert set(res.deltas) == {out_matrix.param_name}  # only layer 0's MLP output matrix changes
+    probes = [r["other_prompts"] for r in edits["requests"]]
+    assert all(len(p) == 2 for p in probes)  # --other-relations country_language, 2 prompts each
+    assert not any(math.isnan(x) for x in (b["other_specificity_success"]["mean"],
+                                           a["other_specificity_success"]["mean"]))
     # a rerun reuses the delta and the metrics
     monkeypatch.setattr(rome, "rome_edit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = api.edit("country_capital", tiny, out=tmp_path / "e", layer=0, **FAST)

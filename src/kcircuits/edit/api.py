@@ -295,7 +295,8 @@ def _relation_options(source: str, rq: RequestSettings) -> dict:
             return {}  # load_requests reports it
         if not (isinstance(raw, dict) and "samples" in raw):
             return {}
-    return {"n_paraphrases": rq.n_paraphrases, "n_neighbours": rq.n_neighbours}
+    return {"n_paraphrases": rq.n_paraphrases, "n_neighbours": rq.n_neighbours,
+            "other_relations": rq.other_relations, "n_other": rq.n_other}
 
 
 def _requests_digest(reqs: list) -> str:

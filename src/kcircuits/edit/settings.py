@@ -91,11 +91,17 @@ class RequestSettings:
     n: int = option(10, "number of edit requests (a relation: seeded subjects; a file: its first N records)")
     n_paraphrases: int = option(2, "paraphrase prompts per request (a relation's other templates)")
     n_neighbours: int = option(5, "neighbourhood prompts per request (other subjects whose answer must not change)")
+    other_relations: tuple = option((), "relations whose facts (asked with their own templates) must not change "
+                                    "either: specificity beyond the edited relation", nargs="*", metavar="RELATION")
+    n_other: int = option(5, "prompts per request from --other-relations")
 
     def __post_init__(self) -> None:
         set_field(self, "n", whole_number(self.n, "--n", 1))
         set_field(self, "n_paraphrases", whole_number(self.n_paraphrases, "--n-paraphrases", 0))
         set_field(self, "n_neighbours", whole_number(self.n_neighbours, "--n-neighbours", 0))
+        require(not isinstance(self.other_relations, str), "other_relations must be a list of relation names")
+        set_field(self, "other_relations", tuple(str(r) for r in self.other_relations))
+        set_field(self, "n_other", whole_number(self.n_other, "--n-other", 0))
 
 
 @dataclass(frozen=True)
