@@ -31,7 +31,7 @@ from kcircuits.errors import KcircuitsError
 from kcircuits.evaluate import Evaluator
 from kcircuits.analyze.explain import explain
 from kcircuits.graph import Circuit, Graph
-from kcircuits.io import load_tensors, read_json
+from kcircuits.io import json_default, load_tensors, read_json
 from kcircuits.models import LoadedModel
 from kcircuits.pipeline import (  # noqa: F401  (re-exported: the steps' public home is kcircuits.pipeline)
     PromptSplit,
@@ -359,20 +359,12 @@ def explain_circuit(run: RunFolder, engine: Engine, lm: LoadedModel, circuit: Ci
                      batch_size=batch_size, thresholds=thresholds, answer_range=answer_range, device=lm.device)
         out = {"lens": ex.lens_json(lm.tokenizer), "roles": ex.roles.to_json(), "composition": ex.composition,
                "node_details": ex.node_details(lm.tokenizer), "view": ex.report_view(circuit)}
-        out = json.loads(json.dumps(out, default=_plain_json))  # what the cache would give back
+        out = json.loads(json.dumps(out, default=json_default))  # what the cache would give back
         cache.write_json("explanation", key, out)
     run.write_json("lens.json", out["lens"])
     run.write_json("roles.json", out["roles"])
     run.write_json("composition.json", out["composition"])
     return out
-
-
-def _plain_json(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _report(config: dict, circuit: Circuit, metrics: dict, sets: dict, graph: Graph, scores: torch.Tensor | None,
@@ -415,11 +407,12 @@ def evaluate_circuit(engine: Engine, circuit: Circuit, scores: torch.Tensor | No
     out: dict = {"sets": {}}
     last = list(sets)[-1]
     model_key = {"weights": lm.fingerprint, "dtype": str(lm.dtype), "scoring": hashed_dict(scoring)}
+    edges = circuit_digest(circuit)
     for role, ps in sets.items():
         n_random = evaluation.n_random if role == last and circuit.n_edges else 0
         want_curve = role == last and evaluation.curve and scores is not None
         pairs = pairs_digest(ps.pairs)
-        set_key = step_key("evaluation", **model_key, circuit=circuit_digest(circuit), pairs=pairs,
+        set_key = step_key("evaluation", **model_key, circuit=edges, pairs=pairs,
                            n_random=n_random, seed=run.seed)
         curve_key = (step_key("curve", **model_key, scores=scores_key, pairs=pairs, percents=evaluation.curve_percents,
                               selection=size.selection, absolute=size.absolute, random=evaluation.n_random > 0,

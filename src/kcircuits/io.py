@@ -32,7 +32,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default, allow_nan=True))
+    atomic_write_text(path, json.dumps(data, indent=1, default=json_default, allow_nan=True))
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -60,7 +60,8 @@ def read_json(path: str | os.PathLike):
         return json.load(fh)
 
 
-def _json_default(obj):
+def json_default(obj):
+    """``json.dumps``' ``default``: tensors and numpy scalars as plain lists and numbers, paths as strings."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):

@@ -30,6 +30,7 @@ class Registry(Generic[T]):
         self.entries: dict[str, T] = {}
         self._functions: dict[str, object] = {}
         self._loaded = False
+        self._declared: tuple[str, ...] | None = None  # the sources do not change while the process runs
 
     def add(self, name: str, entry: T, function: object) -> None:
         """Register ``entry`` (which wraps ``function``) under ``name``. Registering another function
@@ -54,7 +55,13 @@ class Registry(Generic[T]):
         return tuple(self.entries) if self._loaded else self.declared_names()
 
     def declared_names(self) -> tuple[str, ...]:
-        """The names in the literal ``register("name", ...)`` calls of the package's module sources."""
+        """The names in the literal ``register("name", ...)`` calls of the package's module sources (read once:
+        settings objects check their method against these names every time one is built)."""
+        if self._declared is None:
+            self._declared = self._scan()
+        return self._declared
+
+    def _scan(self) -> tuple[str, ...]:
         pkg = importlib.import_module(self.package)
         names: list[str] = []
         for mod in pkgutil.iter_modules(pkg.__path__):

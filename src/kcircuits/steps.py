@@ -43,10 +43,14 @@ def step_cache_root() -> Path:
     return cache_root() / "steps"
 
 
+def json_digest(value: Any, length: int = 20) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``value`` as sorted JSON (a value's identity in a key)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def step_key(step: str, **inputs: Any) -> str:
     """A 20-hex-digit key of a step and everything its result depends on (JSON-able values)."""
-    blob = json.dumps({"step": step, "kcircuits": __version__, **inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return json_digest({"step": step, "kcircuits": __version__, **inputs})
 
 
 def pairs_digest(pairs: list, fields: tuple[str, ...] = ("clean_ids", "corrupt_ids", "answer_ids",

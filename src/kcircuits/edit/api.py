@@ -20,7 +20,7 @@ from kcircuits.data import load_dataset
 from kcircuits.data.prompts import select_templates
 from kcircuits.edit.metrics import compare_metrics, edit_metrics
 from kcircuits.edit.registry import EditInputs, get_edit_method
-from kcircuits.edit.requests import load_requests, validate_requests
+from kcircuits.edit.requests import load_requests, source_shape, validate_requests
 from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, TraceSettings, ValueSettings
 from kcircuits.edit.stats import generated_corpus, key_second_moment
 from kcircuits.errors import KcircuitsError
@@ -41,7 +41,7 @@ from kcircuits.settings import (
     resolve_all,
     settings_doc,
 )
-from kcircuits.steps import StepCache
+from kcircuits.steps import StepCache, json_digest
 
 __all__ = ["BENCH_METRICS", "TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings", "context_prefixes", "edit",
            "edit_bench", "read_timings", "trace", "trace_prompts"]
@@ -255,7 +255,7 @@ def edit(source: str, model: str | LoadedModel = "smollm2-135m", *, out: str | P
         return {"command": "edit", "source": str(source), "model": name, "weights": lm.fingerprint,
                 "edit": hashed_dict(es), "requests": hashed_dict(rq), "value": hashed_dict(vs),
                 "finetune": hashed_dict(fs),
-                "requests_sha256": _requests_digest(reqs)}
+                "requests_sha256": json_digest([r.to_dict() for r in reqs], length=64)}
 
     run_folder, lm = open_run("edit", [Path(str(source)).stem, Path(name).name, es.method], reproduce, out, model,
                               RunSettings(device=es.device, dtype=es.dtype, batch_size=es.batch_size, seed=es.seed),
@@ -286,24 +286,10 @@ edit.__doc__ += settings_doc(EditSettings, param="settings") + "\n" + settings_d
 
 def _relation_options(source: str, rq: RequestSettings) -> dict:
     """The relation loader's options (files of requests take none)."""
-    if str(source).endswith(".json") and Path(source).exists():
-        import json
-
-        try:
-            raw = json.loads(Path(source).read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError):
-            return {}  # load_requests reports it
-        if not (isinstance(raw, dict) and "samples" in raw):
-            return {}
+    if source_shape(source) != "relation":
+        return {}
     return {"n_paraphrases": rq.n_paraphrases, "n_neighbours": rq.n_neighbours,
             "other_relations": rq.other_relations, "n_other": rq.n_other}
-
-
-def _requests_digest(reqs: list) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps([r.to_dict() for r in reqs], sort_keys=True).encode()).hexdigest()
 
 
 def _check_layer(es: EditSettings, lm: LoadedModel) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "load_requests",
     "load_zsre",
     "requests_from_relation",
+    "source_shape",
     "target_ids",
     "validate_requests",
 ]
@@ -560,6 +561,33 @@ def _file_shape(raw: object) -> str:
     return ""
 
 
+def _read_source(source: str | os.PathLike[str]) -> tuple[str, object, str]:
+    """``(shape, parsed JSON or None, name for messages)`` of a request source: "relation" for a bundled
+    name or a .csv / relation .json, "CounterFact" or "zsRE" for those files; bad sources are one-line errors."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+        raise KcircuitsError(f"edit requests source must be a relation name or a .json path, got {_short(source)}")
+    name = os.fspath(source)
+    is_file = isinstance(source, os.PathLike) or name.lower().endswith((".json", ".csv")) or os.path.isfile(name)
+    if is_file and not name.lower().endswith(".csv"):
+        raw, where = _read_json(name)
+        shape = _file_shape(raw)
+        if not shape:
+            raise KcircuitsError(
+                f"{where}: cannot tell the file's shape: give a list of CounterFact records (with "
+                "'requested_rewrite'), a list of zsRE records (with 'src') or a relation (with 'samples')")
+        return shape, raw, where
+    if not is_file and name not in list_datasets():
+        raise KcircuitsError(f"unknown relation {_short(name)}; available: {', '.join(list_datasets())} "
+                             "(a CounterFact or zsRE .json file is also accepted)")
+    return "relation", None, name
+
+
+def source_shape(source: str | os.PathLike[str]) -> str:
+    """What ``source`` holds: "relation" (a bundled name, a .csv or a relation .json: the relation options
+    of :func:`load_requests` apply), "CounterFact" or "zsRE"; a bad source is a one-line error."""
+    return _read_source(source)[0]
+
+
 def load_requests(
     source: str | os.PathLike[str],
     n: int | None = None,
@@ -583,21 +611,8 @@ def load_requests(
         relation_options: keywords of :func:`requests_from_relation` (``n_paraphrases``, ...); only for
             relation sources.
     """
-    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
-        raise KcircuitsError(f"edit requests source must be a relation name or a .json path, got {_short(source)}")
+    shape, raw, where = _read_source(source)
     name = os.fspath(source)
-    is_file = isinstance(source, os.PathLike) or name.lower().endswith((".json", ".csv")) or os.path.isfile(name)
-    shape = "relation"
-    if is_file and not name.lower().endswith(".csv"):
-        raw, where = _read_json(name)
-        shape = _file_shape(raw)
-        if not shape:
-            raise KcircuitsError(
-                f"{where}: cannot tell the file's shape: give a list of CounterFact records (with "
-                "'requested_rewrite'), a list of zsRE records (with 'src') or a relation (with 'samples')")
-    elif not is_file and name not in list_datasets():
-        raise KcircuitsError(f"unknown relation {_short(name)}; available: {', '.join(list_datasets())} "
-                             "(a CounterFact or zsRE .json file is also accepted)")
     unknown = sorted(set(relation_options) - RELATION_OPTIONS)
     if unknown:
         raise KcircuitsError(f"unknown option(s) {', '.join(unknown)}; relation sources take "

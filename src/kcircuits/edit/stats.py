@@ -24,7 +24,7 @@ import torch
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import LoadedModel
 from kcircuits.models.layout import ParamBlock
-from kcircuits.steps import StepCache, step_key
+from kcircuits.steps import StepCache, json_digest, step_key
 
 #: Neutral beginnings the model continues when no corpus is given (fixed, so the statistics are reproducible).
 NEUTRAL_PREFIXES = ("The", "In", "It is", "A", "This", "When", "There are", "One of the", "After the", "We",
@@ -101,7 +101,7 @@ def key_second_moment(lm: LoadedModel, layer: int, texts: Sequence[str], *, batc
         raise KcircuitsError("the corpus for the key statistics is empty; give a text file, JSONL or folder")
     cache = cache or StepCache(None)
     key = step_key("key_second_moment", weights=lm.fingerprint, dtype=str(lm.dtype), layer=layer,
-                   texts=_texts_digest(texts), max_length=max_length)
+                   texts=json_digest(list(texts)), max_length=max_length)
     hit = cache.read_tensors("key_second_moment", key)
     if hit is not None:
         return hit["C"]
@@ -157,9 +157,3 @@ def generated_corpus(lm: LoadedModel, n_texts: int = 64, n_tokens: int = 64, see
     cache.write_json("generated_corpus", key, texts)
     return texts
 
-
-def _texts_digest(texts: Sequence[str]) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:20]
