@@ -75,6 +75,17 @@ FUNCTIONS = [
     "kcircuits.edit.api:edit",
     "kcircuits.edit.api:edit_bench",
     "kcircuits.edit.stats:key_second_moment",
+    "kcircuits.edit.edit_circuits:edit_circuits",
+    "kcircuits.edit.edit_circuits:read_edit_run",
+    "kcircuits.edit.circuits:compare_fact",
+    "kcircuits.edit.circuits:compare_neighbours",
+    "kcircuits.edit.circuits:match_probes",
+    "kcircuits.edit.circuits:prompt_pairs",
+    "kcircuits.edit.circuits:circuit_change",
+    "kcircuits.studies.common:evaluate_on",
+    "kcircuits.data.prompts:encode_text",
+    "kcircuits.report.svg:circuit_svg",
+    "kcircuits.report.circuit_pairs:circuit_pair_html",
     # influence functions
     "kcircuits.influence.api:fit",
     "kcircuits.influence.api:score",
@@ -154,6 +165,8 @@ SETTINGS_TAKERS = {
     "kcircuits.influence.api:fit": lambda: _influence("FitSettings"),
     "kcircuits.influence.api:score": lambda: _influence("ScoreSettings"),
     "kcircuits.edit.api:trace": lambda: _edit("TraceSettings"),
+    "kcircuits.edit.edit_circuits:edit_circuits": lambda: _edit("EditCircuitSettings") + _settings(
+        "ScoringSettings", "AttributionSettings", "CircuitSize", "RunSettings"),
 }
 
 #: The settings classes whose fields the command line and settings_doc describe.
@@ -164,6 +177,7 @@ SETTINGS_CLASSES = [
     "kcircuits.influence.settings:ScoreSettings", "kcircuits.edit.settings:TraceSettings",
     "kcircuits.edit.settings:EditSettings", "kcircuits.edit.settings:RequestSettings",
     "kcircuits.edit.settings:ValueSettings", "kcircuits.edit.settings:FinetuneOptions",
+    "kcircuits.edit.settings:EditCircuitSettings",
 ]
 
 _SKIP_PARAMS = {"self", "cls"}

@@ -13,6 +13,7 @@ from kcircuits.cli import main
 from kcircuits.edit import api
 from kcircuits.errors import KcircuitsError
 from kcircuits.models import load_model
+from kcircuits.models.edits import load_delta
 
 FAST = dict(n=2, n_paraphrases=1, n_neighbours=2, other_relations=("country_language",), n_other=2,
             corpus_texts=4, corpus_tokens=24, perplexity_texts=1,
@@ -120,18 +121,30 @@ def test_the_generated_corpus_is_seeded_cached_and_starts_from_the_neutral_prefi
 
 def test_edit_bench_runs_every_method_on_the_same_requests(tiny_smol_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["edit-bench", "country_capital", "--methods", "rome,ft-m", "--model", tiny_smol_dir, "--layer", "0",
-            "--n", "2", "--n-neighbours", "1", "--n-paraphrases", "1", "--corpus-texts", "4", "--corpus-tokens", "24",
+    measured = []
+    real_metrics = api.edit_metrics
+    monkeypatch.setattr(api, "edit_metrics", lambda *a, **k: measured.append(1) or real_metrics(*a, **k))
+    argv = ["edit-bench", "country_capital", "--methods", "rome,ft-m,memit", "--model", tiny_smol_dir, "--layer", "1",
+            "--n-layers", "2", "--n", "2", "--n-neighbours", "1", "--n-paraphrases", "1", "--corpus-texts", "4",
+            "--corpus-tokens", "24",
             "--perplexity-texts", "0", "--n-prefixes", "0", "--generation-tokens", "0", "--v-steps", "2",
             "--ft-steps", "2", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     bench = next((tmp_path / "runs").glob("edit-bench_*")) / "bench.json"
     rows = json.loads(bench.read_text())["rows"]
-    assert [(r["method"], r["n_requests"]) for r in rows] == [("rome", 2), ("ft-m", 2)]
+    assert [(r["method"], r["n_requests"]) for r in rows] == [("rome", 2), ("ft-m", 2), ("memit", 2)]
     assert all(r["seconds_per_edit"] is not None and r["seconds_per_edit"] >= 0 for r in rows)
     edits = [json.loads(p.read_text())["requests"] for p in sorted(bench.parent.glob("*/edits.json"))]
-    assert len(edits) == 2 and edits[0] == edits[1]  # the same requests through every method
+    assert len(edits) == 3 and edits[0] == edits[1] == edits[2]  # the same requests through every method
+    # MEMIT spreads over --n-layers; ROME and FT-M edit --layer alone (what each delta touches shows it)
+    touched = {p.parent.name.rsplit("_", 1)[1]: sorted(load_delta(p)) for p in bench.parent.glob("*/delta.safetensors")}
+    assert len(touched["memit"]) == 2 and len(touched["rome"]) == len(touched["ft-m"]) == 1
+    assert touched["rome"] == touched["ft-m"] and "layers.1." in touched["rome"][0]
+    # the unedited model's metrics were measured once and shared: 1 "before" + 3 "after" measurements
+    assert len(measured) == 4
+    before = {json.dumps(json.loads(p.read_text()), sort_keys=True) for p in bench.parent.glob("*/metrics_before.json")}
+    assert len(before) == 1
     assert "rome" in out and "ft-m" in out
     assert main(["edit-bench", "country_capital", "--methods", "rome,nope", "--layer", "0"]) == 2
     assert "unknown edit method 'nope'" in capsys.readouterr().err

@@ -298,9 +298,9 @@ def test_report_modules_import_in_any_order() -> None:
 
 
 # --------------------------------------------------------------------------- the page's sections
-ANCHORS_IN_PAGE_ORDER = ["summary", "key-components", "findings", "circuit", "viewer", "curve", "hits", "top-edges",
-                         "skipped", "lens", "roles", "composition", "matrices", "charts", "tables", "trace",
-                         "influence", "config"]
+ANCHORS_IN_PAGE_ORDER = ["summary", "key-components", "findings", "circuit", "viewer", "circuit-pairs", "curve",
+                         "hits", "top-edges", "skipped", "lens", "roles", "composition", "matrices", "charts", "tables",
+                         "trace", "influence", "config"]
 
 
 def every_section_report() -> dict:
@@ -323,6 +323,8 @@ def every_section_report() -> dict:
                                      "role": "mover", "lens top token": "' Paris'", "lens prob": 0.4}],
                            "n_nodes": 5, "n_edges": 20},
         "viewer": viewer_payload(graph, prune(select_topn(graph, scores, 20)), scores),
+        "circuit_pairs": [{"title": "fact 0", "before": prune(select_topn(graph, scores, 20)).to_json(),
+                           "after": prune(select_topn(graph, -scores, 20)).to_json(), "n_prompts": 3}],
         "lens": {"layers": [0, 1, 2, 3, 4], "n_prompts": 3, "clean": trace, "circuit": trace,
                  "chance": {"hit10": [0.0, 0.0, 0.0, 0.02, 0.02]}},
         "roles": {"n_heads": 8, "counts": {"mover": 1}, "thresholds": {"subject_mass": 0.3},
@@ -358,10 +360,11 @@ def test_sections_appear_in_page_order() -> None:
 
 def test_page_lists_every_defined_section_once() -> None:
     """A section a module defines but the page registry leaves out would never be shown."""
-    from kcircuits.report import core_sections, explain_sections, heatmap, influence_section
+    from kcircuits.report import circuit_pairs, core_sections, explain_sections, heatmap, influence_section
     from kcircuits.report.html import PAGE
 
-    defined = [*core_sections.SECTIONS, *explain_sections.SECTIONS, *heatmap.SECTIONS, *influence_section.SECTIONS]
+    defined = [*core_sections.SECTIONS, *explain_sections.SECTIONS, *heatmap.SECTIONS, *influence_section.SECTIONS,
+               *circuit_pairs.SECTIONS]
     assert sorted(s.anchor for s in PAGE) == sorted(s.anchor for s in defined)
     assert len({s.anchor for s in PAGE}) == len(PAGE) and all(s in PAGE for s in defined)
 

@@ -124,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_influence(sub)
 
-    from kcircuits.edit.cli import add_bench_parser, add_edit_parser
+    from kcircuits.edit.cli import add_bench_parser, add_circuits_parser, add_edit_parser
     from kcircuits.edit.cli import add_parser as add_trace
 
     add_trace(sub)
     add_edit_parser(sub)
     add_bench_parser(sub)
+    add_circuits_parser(sub)
 
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
@@ -213,6 +214,12 @@ def _edit_bench(args) -> None:
     run_bench(args)
 
 
+def _edit_circuits(args) -> None:
+    from kcircuits.edit.cli import run_circuits
+
+    run_circuits(args)
+
+
 def _trace(args) -> None:
     from kcircuits.edit.cli import run
 
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     made_before = len(runs.CREATED) if runs is not None else 0
     handlers = {"discover": _discover, "select": _select, "evaluate": _evaluate, "compare": _compare, "study": _study,
                 "influence": _influence, "trace": _trace, "edit": _edit, "edit-bench": _edit_bench,
+                "edit-circuits": _edit_circuits,
                 "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)

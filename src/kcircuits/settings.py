@@ -327,8 +327,8 @@ def settings_doc(*classes: type, param: str | None = None) -> str:
 
 def param_name(cls: type) -> str:
     return {"ScoringSettings": "scoring", "AttributionSettings": "attribution", "CircuitSize": "size",
-            "PromptSettings": "prompts", "EvaluationSettings": "evaluation", "RunSettings": "run"}.get(cls.__name__,
-                                                                                                  cls.__name__.lower())
+            "PromptSettings": "prompts", "EvaluationSettings": "evaluation", "RunSettings": "run",
+            "EditCircuitSettings": "edit_circuits"}.get(cls.__name__, cls.__name__.lower())
 
 
 # --------------------------------------------------------------------------- the command line

@@ -19,6 +19,7 @@ from kcircuits.data.prompts import (
     answer_token_ids,
     build_prompts,
     cap_pairs,
+    encode_text,
     parse_template_specs,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "answer_token_ids",
     "build_prompts",
     "cap_pairs",
+    "encode_text",
     "parse_template_specs",
     "dataset_info",
     "list_datasets",

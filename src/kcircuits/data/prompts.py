@@ -30,6 +30,7 @@ __all__ = [
     "PromptSet",
     "answer_token_ids",
     "build_prompts",
+    "encode_text",
 ]
 
 #: No other sample gives a corrupt prompt with the clean prompt's token length.
@@ -108,8 +109,15 @@ def _to_id_list(ids: Any, text: str) -> list[int]:
         ) from None
 
 
-def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    """Tokenise like the model does: ``tokenizer(text).input_ids`` (special tokens included)."""
+def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Tokenise like the model does: ``tokenizer(text).input_ids`` (special tokens included), as ``list[int]``;
+    a tokenizer whose output has no ``input_ids`` is a clear error.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (or any callable returning ``.input_ids``).
+        text: the text tokenised.
+        add_special_tokens: include the tokenizer's special tokens (BOS, ...), as the model sees a prompt.
+    """
     if add_special_tokens:
         enc = tokenizer(text)
     else:
@@ -128,13 +136,13 @@ def _answer_ids_given_prompt(
     tokenizer: Any, prompt_ids: list[int], prompt_text: str, answer: str
 ) -> list[int]:
     """answer_token_ids with the prompt already tokenised (saves one call per candidate)."""
-    full = _encode(tokenizer, prompt_text + " " + answer)
+    full = encode_text(tokenizer, prompt_text + " " + answer)
     n = len(prompt_ids)
     if len(full) > n and full[:n] == prompt_ids:
         return full[n:]
     # The prompt's tokens are not a prefix (e.g. the tokenizer appends EOS, or merges across the
     # boundary): fall back to the answer on its own, with its leading space.
-    return _encode(tokenizer, " " + answer, add_special_tokens=False)
+    return encode_text(tokenizer, " " + answer, add_special_tokens=False)
 
 
 def answer_token_ids(tokenizer: Any, prompt_text: str, answer: str) -> list[int]:
@@ -147,7 +155,7 @@ def answer_token_ids(tokenizer: Any, prompt_text: str, answer: str) -> list[int]
     """
     if not isinstance(answer, str) or not answer.strip():
         raise KcircuitsError(f"answer must be a non-empty string, got {answer!r}")
-    return _answer_ids_given_prompt(tokenizer, _encode(tokenizer, prompt_text), prompt_text, answer)
+    return _answer_ids_given_prompt(tokenizer, encode_text(tokenizer, prompt_text), prompt_text, answer)
 
 
 # --------------------------------------------------------------------------- building pairs
@@ -329,7 +337,7 @@ def build_prompts(
 
     for t, tpl in selected:
         texts = [_fill(tpl, s["subject"]) for s in samples]
-        ids = [_encode(tokenizer, text) for text in texts]
+        ids = [encode_text(tokenizer, text) for text in texts]
         answer = _lazy_answers(tokenizer, ids, texts, samples)
 
         for i in range(n):

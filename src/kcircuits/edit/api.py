@@ -10,6 +10,7 @@ gets a trace of its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from kcircuits.data import load_dataset
 from kcircuits.data.prompts import select_templates
+from kcircuits.edit.edit_circuits import edit_circuits
 from kcircuits.edit.metrics import compare_metrics, edit_metrics
 from kcircuits.edit.registry import EditInputs, get_edit_method
 from kcircuits.edit.requests import load_requests, source_shape, validate_requests
@@ -41,10 +43,11 @@ from kcircuits.settings import (
     resolve_all,
     settings_doc,
 )
-from kcircuits.steps import StepCache, json_digest
+from kcircuits.io import json_default
+from kcircuits.steps import StepCache, json_digest, step_key
 
-__all__ = ["BENCH_METRICS", "TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings", "context_prefixes", "edit",
-           "edit_bench", "read_timings", "trace", "trace_prompts"]
+__all__ = ["BENCH_METRICS", "SPREAD_METHODS", "TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings",
+           "context_prefixes", "edit", "edit_bench", "edit_circuits", "read_timings", "trace", "trace_prompts"]
 
 #: the run folder's trace: TraceResult.to_json() plus the relation and a summary of the probabilities
 TRACE_FILE = "trace.json"
@@ -267,8 +270,15 @@ def edit(source: str, model: str | LoadedModel = "smollm2-135m", *, out: str | P
         held_out = (generated_corpus(lm, n_texts=es.perplexity_texts, n_tokens=es.corpus_tokens, seed=es.seed + 1,
                                      cache=cache) if es.perplexity_texts else None)
         measure = dict(generation_tokens=es.generation_tokens, perplexity_texts=held_out, batch_size=es.batch_size)
+        # the unedited model's metrics depend on the weights, the requests and the measurement only: every
+        # method of an edit-bench shares them through the step cache
+        before_key = step_key("edit_metrics", weights=lm.fingerprint, dtype=str(lm.dtype),
+                              requests=json_digest([r.to_dict() for r in reqs]), generation_tokens=es.generation_tokens,
+                              perplexity_texts=json_digest(held_out), seed=es.seed)
         before = _stored(run_folder, "metrics_before.json",
-                         lambda: edit_metrics(lm.hf_model, lm.tokenizer, reqs, **measure), "metrics before")
+                         lambda: _cached(cache, "edit_metrics", before_key,
+                                         lambda: edit_metrics(lm.hf_model, lm.tokenizer, reqs, **measure)),
+                         "metrics before")
         deltas = _edit_deltas(run_folder, lm, method, reqs, es, vs, fs, cache)
         with edited(lm, deltas):
             after = _stored(run_folder, "metrics_after.json",
@@ -302,6 +312,16 @@ def _check_layer(es: EditSettings, lm: LoadedModel) -> None:
         raise KcircuitsError(f"--layer {es.layer} is out of range: the model has layers 0..{n - 1}")
     if es.n_layers > es.layer + 1:
         raise KcircuitsError(f"--n-layers {es.n_layers} ending at --layer {es.layer} would start before layer 0")
+
+
+def _cached(cache: StepCache, step: str, key: str, compute) -> dict:
+    """``compute()``'s JSON result, read from the step cache when an earlier run stored it (NaN kept)."""
+    found = cache.read_json(step, key)
+    if isinstance(found, dict):
+        return found
+    result = json.loads(json.dumps(compute(), default=json_default))  # what the cache gives back
+    cache.write_json(step, key, result)
+    return result
 
 
 def _stored(run: RunFolder, name: str, compute, step: str) -> dict:
@@ -375,6 +395,9 @@ def _edit_report(run: RunFolder, es: EditSettings, reqs: list, metrics: dict) ->
 
 
 # --------------------------------------------------------------------------- kcircuits edit-bench
+#: the methods an edit-bench spreads over ``--n-layers`` layers ending at ``--layer``; the others edit ``--layer``
+#: alone, as published (ROME, and FT-L / FT-M as in the ROME paper and EasyEdit)
+SPREAD_METHODS = ("memit",)
 #: the edit-bench table's columns: the mean after the edit of each metric
 BENCH_METRICS = ("efficacy_success", "generalisation_success", "specificity_success", "fluency")
 
@@ -398,7 +421,8 @@ def edit_bench(sources: Sequence[str], model: str | LoadedModel = "smollm2-135m"
         methods: registered edit methods (``kcircuits.edit.registry``).
         out: the bench folder (default ``runs/edit-bench_<sources>_<model>_<hash>``).
         settings, requests, value, finetune: as in :func:`edit` (``settings.method`` is replaced by each method;
-            ROME edits ``settings.layer`` alone, the others ``n_layers`` layers ending there).
+            MEMIT spreads each edit over ``n_layers`` layers ending at ``settings.layer``, the others
+            (:data:`SPREAD_METHODS`) edit that layer alone).
         progress: show progress bars.
 
     Returns:
@@ -432,7 +456,7 @@ def edit_bench(sources: Sequence[str], model: str | LoadedModel = "smollm2-135m"
         for source in sources:
             for method in methods:
                 sub = run_folder.path / f"{Path(str(source)).stem}_{method}"
-                one = replace(es, method=method, n_layers=1 if method == "rome" else es.n_layers)  # ROME: one layer
+                one = replace(es, method=method, n_layers=es.n_layers if method in SPREAD_METHODS else 1)
                 res = edit(source, lm, out=sub, settings=one, requests=rq, value=vs, finetune=fs, progress=progress)
                 rows.append(_bench_row(str(source), method, res))
         result = {"rows": rows, "metrics": list(BENCH_METRICS)}
@@ -471,6 +495,5 @@ def read_timings(folder: Path) -> dict:
     path = Path(folder) / "timings.json"
     if not path.exists():
         return {}
-    import json
 
     return json.loads(path.read_text()).get("steps", {})

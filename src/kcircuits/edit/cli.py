@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, TraceSettings, ValueSettings
+from kcircuits.edit.settings import (
+    EditCircuitSettings,
+    EditSettings,
+    FinetuneOptions,
+    RequestSettings,
+    TraceSettings,
+    ValueSettings,
+)
 from kcircuits.settings import add_arguments, from_args
 
 
@@ -109,4 +116,51 @@ def run_bench(args: argparse.Namespace) -> None:
                         for k in BENCH_METRICS)
         secs = row["seconds_per_edit"]
         print(f"{row['source'][:19]:<20}{row['method']:<8}{cells}{'' if secs is None else f'{secs:9.1f}'}")
+    print(f"report: {res['folder']}/report.html")
+
+
+#: the concerns ``edit-circuits`` takes settings for, and the fields it does not use
+CIRCUIT_CONCERNS = ("ScoringSettings", "AttributionSettings", "CircuitSize", "RunSettings")
+CIRCUIT_EXCLUDE = ("answer_scoring", "threshold")
+
+
+def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``edit-circuits`` to the main CLI's subparsers: options from EditCircuitSettings, the discovery
+    settings (scoring, attribution, size, run) and the head-role thresholds."""
+    from kcircuits import settings
+
+    p = subparsers.add_parser("edit-circuits", help="what an edit did to each edited fact's circuit (before vs after, "
+                                                    "side by side), to the logit lens, the mover heads and the "
+                                                    "neighbours' circuit")
+    p.add_argument("edit_run", help="an edit run folder (what `kcircuits edit` printed)")
+    p.add_argument("--model", help="the model the edit was made on (default: the one the edit run names)")
+    p.add_argument("--out", help="run folder (default: runs/edit-circuits_<source>_<model>_<method>_<config hash>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(p, EditCircuitSettings, group=p.add_argument_group("facts and prompts"))
+    for name in CIRCUIT_CONCERNS:
+        cls = getattr(settings, name)
+        add_arguments(p, cls, exclude=CIRCUIT_EXCLUDE, group=p.add_argument_group(f"{settings.param_name(cls)} "
+                                                                                  "settings"))
+    add_arguments(p, settings.RoleThresholds, group=p.add_argument_group("head-role thresholds"))
+    return p
+
+
+def run_circuits(args: argparse.Namespace) -> None:
+    """Run ``kcircuits edit-circuits`` from the parsed command line; print one line per fact."""
+    from kcircuits import settings
+    from kcircuits.edit.edit_circuits import edit_circuits
+
+    concerns = {settings.param_name(getattr(settings, n)): from_args(getattr(settings, n), args)
+                for n in CIRCUIT_CONCERNS}
+    res = edit_circuits(args.edit_run, args.model, out=args.out, thresholds=from_args(settings.RoleThresholds, args),
+                        progress=not args.quiet, edit_circuits=from_args(EditCircuitSettings, args), **concerns)
+    for f in res["facts"]:
+        ch = f["change"]
+        print(f"{f['prompt']!r} {f['target_true']} -> {f['target_new']}: node Jaccard {ch['node_jaccard']:.2f}, "
+              f"edge Jaccard {ch['edge_jaccard']:.2f}, {len(ch['nodes_gained'])} nodes gained, "
+              f"{len(ch['nodes_lost'])} lost")
+    nb = res["neighbours"]
+    if nb:
+        print(f"neighbours: full-model Hit@10 {nb['before']['full_hit10']:.2f} -> {nb['after']['full_hit10']:.2f}, "
+              f"edge Jaccard of their circuits {nb['change']['edge_jaccard']:.2f}")
     print(f"report: {res['folder']}/report.html")

@@ -20,7 +20,8 @@ from typing import Any
 from kcircuits.errors import KcircuitsError
 from kcircuits.settings import DTYPES, finite_number, one_of, option, require, set_field, whole_number
 
-__all__ = ["TRACE_KINDS", "EditSettings", "FinetuneOptions", "RequestSettings", "TraceSettings", "ValueSettings"]
+__all__ = ["TRACE_KINDS", "EditCircuitSettings", "EditSettings", "FinetuneOptions", "RequestSettings", "TraceSettings",
+           "ValueSettings"]
 
 #: the states causal tracing restores (the same names, in the same order, as kcircuits.edit.trace.KINDS)
 TRACE_KINDS = ("hidden", "mlp", "attn")
@@ -192,3 +193,25 @@ class EditSettings:
             raise KcircuitsError("give the MLP layer to edit with --layer; `kcircuits trace RELATION` prints the "
                                  "critical layer, ROME's choice")
         return list(range(self.layer - self.n_layers + 1, self.layer + 1))
+
+
+@dataclass(frozen=True)
+class EditCircuitSettings:
+    """Which edited facts ``kcircuits edit-circuits`` compares, and on how many prompt pairs.
+
+    Each fact's circuit is found on ``pairs`` clean/corrupt pairs: the edit prompt and its
+    paraphrases, each paired with prompts of other subjects that have the same number of tokens
+    (one circuit per fact, like a relation's circuit but over one subject's prompts)."""
+
+    facts: int = option(2, "edited facts whose circuits are compared: the first N requests of the edit run")
+    pairs: int = option(8, "clean/corrupt prompt pairs per fact (the edit prompt and its paraphrases, each with "
+                           "other subjects' prompts of the same token length)")
+    neighbours: int = option(8, "neighbour prompts whose circuit is compared before and after the edit, and whose "
+                                "Hit@10 is measured (0: skip the leak check)")
+    top_heads: int = option(5, "heads that move the subject's attribute listed per fact")
+
+    def __post_init__(self) -> None:
+        set_field(self, "facts", whole_number(self.facts, "--facts", 1))
+        set_field(self, "pairs", whole_number(self.pairs, "--pairs", 1))
+        set_field(self, "neighbours", whole_number(self.neighbours, "--neighbours", 0))
+        set_field(self, "top_heads", whole_number(self.top_heads, "--top-heads", 1))

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kcircuits.io import atomic_write_text
+from kcircuits.report import circuit_pairs
 from kcircuits.report import core_sections as core
 from kcircuits.report import explain_sections as explain
 from kcircuits.report import heatmap
@@ -43,6 +44,7 @@ PAGE: tuple[Section, ...] = (
     explain.FINDINGS,
     core.CIRCUIT,
     core.VIEWER,
+    circuit_pairs.CIRCUIT_PAIRS,
     core.CURVE,
     core.HITS,
     core.TOP_EDGES,

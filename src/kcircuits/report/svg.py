@@ -19,7 +19,8 @@ from typing import Any
 
 from kcircuits.report.base import as_float, fmt_number
 
-__all__ = ["SVG_NS", "as_float", "circuit_svg", "fmt", "nice_step", "polyline", "segments", "svg_open"]
+__all__ = ["DIFF_COLOUR", "SVG_NS", "as_float", "circuit_layers", "circuit_svg", "fmt", "nice_step", "polyline",
+           "segments", "svg_open"]
 
 SVG_NS = "http://www.w3.org/2000/svg"
 FONT = 'system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif'
@@ -31,6 +32,8 @@ NEG_COLOUR = "#dc2626"
 NAN_COLOUR = "#9ca3af"
 KIND_DASH = {"k": "5 3", "v": "1.5 2.5"}  # q, mlp and logits edges are solid
 MAX_EDGES_DRAWN = 5000
+#: edges and nodes a comparison highlights (only in one of two circuits): green, apart from the score colours
+DIFF_COLOUR = "#16a34a"
 
 # Styles are scoped under the svg's class so that, inlined in the page, they touch nothing else.
 _CIRCUIT_STYLE = (
@@ -42,6 +45,8 @@ _CIRCUIT_STYLE = (
     ".kc-circ .grid{stroke:#e5e7eb;stroke-width:1}"
     ".kc-circ .nd{stroke:#fff;stroke-width:1}"
     f".kc-circ .kvn{{fill:#fef3c7;stroke:{KV_STROKE};stroke-width:1.5}}"
+    f".kc-circ .edge.diff{{stroke:{DIFF_COLOUR};stroke-opacity:.95}}"
+    f".kc-circ .ring{{fill:none;stroke:{DIFF_COLOUR};stroke-width:2.5}}"
 )
 
 
@@ -153,6 +158,7 @@ class _Edge:
     kind: str
     score: float | None  # None: NaN or missing
     label: str  # "src -> dst (kind): score"
+    key: str = ""  # "src->dst" as the circuit names them (dst with its <q>/<k>/<v> suffix)
 
 
 def _edge_label(src: str, dst: str, kind: str, raw: Any) -> str:
@@ -187,7 +193,8 @@ def _collect(circuit: Mapping[str, Any]) -> tuple[int, int, int, list[_Edge], in
         if not kind:
             kind = {"mlp": "mlp", "logits": "logits"}.get(dst.type, "")
         raw = e.get("score")
-        edges.append(_Edge(src, dst, kind, as_float(raw), _edge_label(src_name, dst_name, kind, raw)))
+        edges.append(_Edge(src, dst, kind, as_float(raw), _edge_label(src_name, dst_name, kind, raw),
+                           f"{src_name}->{e.get('dst', '')}"))
     seen = [n for e in edges for n in (e.src, e.dst)]
     max_layer = max([n.layer for n in seen if n.type not in ("input", "logits")], default=-1)
     n_layers = max(n_layers, max_layer + 1)
@@ -271,7 +278,7 @@ def _layout(n_layers: int, n_heads: int, n_kv: int, drawn_layers: set[int]) -> _
 
 
 # --------------------------------------------------------------------------- circuit: drawing
-def _edge_path(lay: _Layout, e: _Edge, max_abs: float) -> str:
+def _edge_path(lay: _Layout, e: _Edge, max_abs: float, highlighted: bool = False) -> str:
     """One cubic curve leaving the top of the source and entering the bottom of the destination;
     q/k/v enter a head left/centre/right so they stay apart even where dashes are hard to see."""
     x1, y1 = lay.pos(e.src)
@@ -293,6 +300,9 @@ def _edge_path(lay: _Layout, e: _Edge, max_abs: float) -> str:
         width = 0.4 + 3.6 * abs(e.score) / max_abs if max_abs > 0 else 0.4
         sign = "pos" if e.score >= 0 else "neg"
     cls = f"edge {sign} {e.kind}" if e.kind in KIND_DASH else f"edge {sign}"
+    if highlighted:
+        cls += " diff"
+        width = max(width, 1.6)
     d = f"M{fmt(x1)} {fmt(y1)}C{fmt(x1 + cx1)} {fmt(ym)} {fmt(x2 + cx2)} {fmt(ym)} {fmt(x2)} {fmt(y2)}"
     return f'<path class="{cls}" d="{d}" stroke-width="{width:.2g}"><title>{escape(e.label)}</title></path>'
 
@@ -319,6 +329,12 @@ def _node_shape(lay: _Layout, n: _Node, deg_in: int, deg_out: int) -> str:
             f'fill="{fill}"><title>{tip}</title></rect>'
             f'<text x="{fmt(x)}" y="{fmt(y + 4)}" text-anchor="middle" class="lbl" '
             f'style="fill:#fff">{escape(n.name)}</text></g>')
+
+
+def _ring(lay: _Layout, n: _Node) -> str:
+    """A highlight ring around a node (one of :func:`circuit_svg`'s ``highlight``)."""
+    x, y = lay.pos(n)
+    return f'<circle class="ring" cx="{fmt(x)}" cy="{fmt(y)}" r="{fmt(lay.r * 1.9)}"/>'
 
 
 def _row_labels(lay: _Layout) -> list[str]:
@@ -387,17 +403,28 @@ def _edge_opacity(n_edges: int) -> str:
     return ".65" if n_edges <= 200 else ".45" if n_edges <= 1000 else ".3"
 
 
-def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN) -> tuple[str, str]:
+def circuit_layers(circuit: Mapping[str, Any]) -> set[int]:
+    """The layers a circuit dict has nodes in (pass the union of two to :func:`circuit_svg`'s ``rows`` so
+    both drawings line up)."""
+    return {n.layer for e in _collect(circuit)[3] for n in (e.src, e.dst)}
+
+
+def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN, *,
+                highlight: Iterable[str] = (), rows: Iterable[int] | None = None) -> tuple[str, str]:
     """Draw the circuit; returns (svg, note) where note says what was left out ("" if nothing).
 
     Edges are drawn weakest first so the strongest end up on top; above ``max_edges`` only the
     strongest are drawn (a browser copes with a few thousand paths, not with tens of thousands).
+    ``highlight``: edges (``"src->dst"``, the circuit's names) and nodes (their names) drawn in
+    :data:`DIFF_COLOUR`, on top of the rest, e.g. what one circuit has and another has not.
+    ``rows``: draw these layers' rows as well (two circuits drawn with the same rows line up).
     """
     n_layers, n_heads, n_kv, edges, unresolved = _collect(circuit)
     notes = []
     if unresolved:
         notes.append(f"{unresolved} edge(s) with unknown node names not drawn")
-    edges.sort(key=lambda e: abs(e.score) if e.score is not None else -1.0)
+    marked = set(highlight)
+    edges.sort(key=lambda e: (e.key in marked, abs(e.score) if e.score is not None else -1.0))
     if len(edges) > max_edges:
         notes.append(f"showing the {max_edges} strongest of {len(edges)} edges")
         edges = edges[-max_edges:]
@@ -409,7 +436,7 @@ def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN) ->
         nodes[e.dst.name] = e.dst
         deg_out[e.src.name] = deg_out.get(e.src.name, 0) + 1
         deg_in[e.dst.name] = deg_in.get(e.dst.name, 0) + 1
-    lay = _layout(n_layers, n_heads, n_kv, {n.layer for n in nodes.values()})
+    lay = _layout(n_layers, n_heads, n_kv, {n.layer for n in nodes.values()} | set(rows or ()))
     max_abs = max((abs(e.score) for e in edges if e.score is not None), default=0.0)
     opacity = _edge_opacity(len(edges))
     style = f"{_CIRCUIT_STYLE}.kc-circ .edge{{stroke-opacity:{opacity}}}.kc-circ .edge:hover{{stroke-opacity:1}}"
@@ -418,8 +445,9 @@ def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN) ->
     parts += _row_labels(lay)
     parts += _column_labels(lay)
     parts.append('<g class="edges">')
-    parts += [_edge_path(lay, e, max_abs) for e in edges]
+    parts += [_edge_path(lay, e, max_abs, e.key in marked) for e in edges]
     parts.append('</g><g class="nodes">')
     parts += [_node_shape(lay, n, deg_in.get(n.name, 0), deg_out.get(n.name, 0)) for n in nodes.values()]
+    parts += [_ring(lay, n) for n in nodes.values() if n.name in marked]
     parts.append("</g></svg>")
     return "\n".join(parts), "; ".join(notes)

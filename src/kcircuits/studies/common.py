@@ -61,12 +61,16 @@ class StudySettings:
         if given[PromptSettings] is None:
             options.setdefault("max_pairs", max_pairs)
         built = resolve_all(options, given, STUDY_SETTINGS, command)
-        st = cls(*(built[c] for c in STUDY_SETTINGS))
-        if st.size.threshold is not None:
+        return cls(*(built[c] for c in STUDY_SETTINGS)).checked(command)
+
+    def checked(self, command: str) -> StudySettings:
+        """``self``, after checking what every study needs: circuits sized by edges or percent (comparable
+        across prompt sets), first-token scoring."""
+        if self.size.threshold is not None:
             raise KcircuitsError(f"{command} sizes every circuit by --edges or --percent, not by a threshold")
-        if st.scoring.answer_scoring != "first_token":
+        if self.scoring.answer_scoring != "first_token":
             raise KcircuitsError(f"{command} scores the answer's first token; --answer-scoring full is not supported")
-        return st
+        return self
 
     def reproduce(self) -> dict:
         """The hashed fields of every settings object, by parameter name (recorded in ``config.json``)."""
@@ -111,14 +115,31 @@ def find_circuit(run: RunFolder, name: str, engine: Engine, lm: LoadedModel, pai
     return circuit, scores
 
 
-def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], st: StudySettings, *,
-                    progress: bool) -> dict[str, float]:
-    """Faithfulness (ratio of means) of each circuit on ``pairs``; one evaluator shared by all circuits."""
+def evaluate_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], st: StudySettings, *,
+                progress: bool) -> dict[str, dict]:
+    """:meth:`kcircuits.evaluate.Evaluator.evaluate` of each circuit on ``pairs`` (faithfulness, Hit@1/10 of
+    the full model, the circuit and the chance level, ...); one evaluator shared by all circuits.
+
+    Args:
+        engine: the model's engine over the circuits' graph.
+        lm: the model (its device and padding token).
+        pairs: the prompt pairs evaluated on.
+        circuits: name -> circuit.
+        st: the study's settings (scoring metric and ablation, batch size).
+        progress: show a progress bar.
+    """
     batches = model_batches(lm, pairs, st.run.batch_size, "first_token")
     mean = mean_activations(engine, batches) if st.scoring.ablation == "mean" else None
     ev = Evaluator(engine, batches, metric=st.scoring.metric, ablation=st.scoring.ablation, mean=mean,
                    progress=progress)
-    return {name: ev.evaluate(c)["faithfulness_of_means"] for name, c in circuits.items()}
+    return {name: ev.evaluate(c) for name, c in circuits.items()}
+
+
+def faithfulness_on(engine: Engine, lm: LoadedModel, pairs: list, circuits: dict[str, Circuit], st: StudySettings, *,
+                    progress: bool) -> dict[str, float]:
+    """Faithfulness (ratio of means) of each circuit on ``pairs`` (:func:`evaluate_on`)."""
+    return {name: res["faithfulness_of_means"]
+            for name, res in evaluate_on(engine, lm, pairs, circuits, st, progress=progress).items()}
 
 
 def head_nodes(circuit: Circuit) -> set[str]:
