@@ -681,3 +681,30 @@ def test_explanation_feeds_the_report_as_plain_json(tiny_smol_dir) -> None:
     heads = [r for r in key["rows"] if r["kind"] == "head"]
     assert heads and all(r["role"] == details["nodes"][r["node"]]["role"]["role"] for r in heads)
     assert all(r["lens top token"].startswith("'") for r in key["rows"] if "lens top token" in r)
+
+
+# --------------------------------------------------------------------------- circuits side by side
+def test_circuit_pair_highlights_exactly_what_one_side_lacks() -> None:
+    """Left: the edges only the first circuit has; right: those only the second has; both on the same rows."""
+    import torch
+
+    from kcircuits.graph import Graph, prune, select_topn
+    from kcircuits.report.circuit_pairs import circuit_pair_html, only_in
+
+    graph = Graph(3, 4, 4, True, False)
+    gen = torch.Generator().manual_seed(1)
+    a = prune(select_topn(graph, torch.randn(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists(), 60))
+    b = prune(select_topn(graph, torch.randn(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists(), 60))
+    ja, jb = a.to_json(), b.to_json()
+    html = circuit_pair_html(ja, jb, ("A", "B"))
+    left, right = html.split("<figure")[1:3]
+    edges_a = {f"{s}->{d}" for s, d, _ in a.edge_list()}
+    edges_b = {f"{s}->{d}" for s, d, _ in b.edge_list()}
+    assert left.count(" diff") == len(edges_a - edges_b) > 0
+    assert right.count(" diff") == len(edges_b - edges_a) > 0
+    assert left.count('class="ring"') == len(set(a.nodes()) - set(b.nodes()))
+    assert only_in(ja, jb) == (edges_a - edges_b) | (set(a.nodes()) - set(b.nodes()))
+    row_labels = lambda fig: re.findall(r">(L\d+|input|logits)</text>", fig)  # noqa: E731
+    assert row_labels(left) == row_labels(right)  # the same rows: a node sits at the same height in both
+    same = circuit_pair_html(ja, ja)
+    assert " diff" not in same and 'class="ring"' not in same

@@ -248,7 +248,7 @@ def _report(res: dict, drawings: list[dict], name: str, config: dict) -> dict:
     return {"title": f"kcircuits edit-circuits: {res['method']} on {name}",
             "summary": {"model": name, "method": res["method"],
                         "edited layers": ", ".join(map(str, res["edited_layers"])),
-                        "facts compared": len(facts), "edges per circuit": res["n_edges"],
+                        "facts compared": len(facts), "edges selected per circuit (before pruning)": res["n_edges"],
                         "mean edge Jaccard (before vs after)": fmean(f["change"]["edge_jaccard"] for f in facts)},
             "narrative": _findings(res), "charts": [_lens_chart(f, res["edited_layers"]) for f in facts],
             "tables": tables, "circuit_pairs": pairs, "config": config}

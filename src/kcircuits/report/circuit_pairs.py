@@ -16,7 +16,7 @@ from typing import Any
 from kcircuits.report.base import Section, escape, figure, sample_note_html
 from kcircuits.report.svg import DIFF_COLOUR, circuit_layers, circuit_svg
 
-__all__ = ["CIRCUIT_PAIRS", "SECTIONS", "circuit_pair_html", "only_in"]
+__all__ = ["CIRCUIT_PAIRS", "PAIR_EDGES", "SECTIONS", "circuit_pair_html", "only_in"]
 
 _ROW = '<div style="display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start">{}</div>'
 _CELL = '<div style="flex:1 1 420px;min-width:0">{}</div>'
@@ -31,20 +31,26 @@ def only_in(one: Mapping[str, Any], other: Mapping[str, Any]) -> set[str]:
     return (_edge_keys(one) - _edge_keys(other)) | (set(one.get("nodes") or []) - set(other.get("nodes") or []))
 
 
-def circuit_pair_html(before: Mapping[str, Any], after: Mapping[str, Any], labels: Sequence[str] = ("before", "after")
-                      ) -> str:
+#: the most edges drawn per circuit of a pair: two 600-edge drawings with half their edges highlighted are a
+#: green blot; the strongest 150 of each still show where the two differ (the counts cover every edge)
+PAIR_EDGES = 150
+
+
+def circuit_pair_html(before: Mapping[str, Any], after: Mapping[str, Any], labels: Sequence[str] = ("before", "after"),
+                      max_edges: int = PAIR_EDGES) -> str:
     """Both drawings in one row (wrapping to two on a narrow screen), each titled by its label.
 
     Args:
         before: the left circuit dict (:meth:`kcircuits.graph.Circuit.to_json`); what only it has is highlighted.
         after: the right circuit dict; what only it has is highlighted.
         labels: the two drawings' captions.
+        max_edges: each drawing shows this many of its strongest edges (the caption's counts cover all).
     """
     rows = circuit_layers(before) | circuit_layers(after)
     cells = []
     for circuit, other, label, word in ((before, after, labels[0], "lost"), (after, before, labels[1], "gained")):
         marked = only_in(circuit, other)
-        svg, note = circuit_svg(circuit, highlight=marked, rows=rows)
+        svg, note = circuit_svg(circuit, max_edges, highlight=marked, rows=rows)
         n_edges = len(circuit.get("edges") or [])
         n_marked = len(_edge_keys(circuit) - _edge_keys(other))
         cap = f"<b>{escape(label)}</b>: {n_edges} edges, {n_marked} of them {word} (highlighted)"

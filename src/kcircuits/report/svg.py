@@ -300,9 +300,9 @@ def _edge_path(lay: _Layout, e: _Edge, max_abs: float, highlighted: bool = False
         width = 0.4 + 3.6 * abs(e.score) / max_abs if max_abs > 0 else 0.4
         sign = "pos" if e.score >= 0 else "neg"
     cls = f"edge {sign} {e.kind}" if e.kind in KIND_DASH else f"edge {sign}"
-    if highlighted:
+    if highlighted:  # at least a visible width: a weak edge one circuit lacks is still a difference to see
         cls += " diff"
-        width = max(width, 1.6)
+        width = max(width, 1.2)
     d = f"M{fmt(x1)} {fmt(y1)}C{fmt(x1 + cx1)} {fmt(ym)} {fmt(x2 + cx2)} {fmt(ym)} {fmt(x2)} {fmt(y2)}"
     return f'<path class="{cls}" d="{d}" stroke-width="{width:.2g}"><title>{escape(e.label)}</title></path>'
 
@@ -424,10 +424,11 @@ def circuit_svg(circuit: Mapping[str, Any], max_edges: int = MAX_EDGES_DRAWN, *,
     if unresolved:
         notes.append(f"{unresolved} edge(s) with unknown node names not drawn")
     marked = set(highlight)
-    edges.sort(key=lambda e: (e.key in marked, abs(e.score) if e.score is not None else -1.0))
+    edges.sort(key=lambda e: abs(e.score) if e.score is not None else -1.0)
     if len(edges) > max_edges:
         notes.append(f"showing the {max_edges} strongest of {len(edges)} edges")
         edges = edges[-max_edges:]
+    edges.sort(key=lambda e: e.key in marked)  # stable: highlighted edges drawn last (on top), each set by score
     nodes: dict[str, _Node] = {}
     deg_in: dict[str, int] = {}
     deg_out: dict[str, int] = {}
