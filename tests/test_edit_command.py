@@ -148,3 +148,19 @@ def test_edit_bench_runs_every_method_on_the_same_requests(tiny_smol_dir, tmp_pa
     assert "rome" in out and "ft-m" in out
     assert main(["edit-bench", "country_capital", "--methods", "rome,nope", "--layer", "0"]) == 2
     assert "unknown edit method 'nope'" in capsys.readouterr().err
+
+
+def test_the_bundled_model_edits_at_its_measured_layer_unless_told_otherwise():
+    """SmolLM2 without --layer: the layer docs/editing.md chose by measurement; any other model must be told."""
+    from types import SimpleNamespace
+
+    from kcircuits.edit.settings import MEASURED_LAYERS, EditSettings
+
+    smol = SimpleNamespace(name="smollm2-135m", weights=SimpleNamespace(n_layers=30))
+    assert api.with_layer(EditSettings(), smol).layer == MEASURED_LAYERS["smollm2-135m"] == 2
+    assert api.with_layer(EditSettings(layer=7), smol).layer == 7
+    other = SimpleNamespace(name="/models/gpt2", weights=SimpleNamespace(n_layers=12))
+    with pytest.raises(KcircuitsError, match="give the MLP layer"):
+        api.with_layer(EditSettings(), other)
+    with pytest.raises(KcircuitsError, match="would start before layer 0"):
+        api.with_layer(EditSettings(n_layers=4), smol)

@@ -23,7 +23,14 @@ from kcircuits.edit.edit_circuits import edit_circuits
 from kcircuits.edit.metrics import compare_metrics, edit_metrics
 from kcircuits.edit.registry import EditInputs, get_edit_method
 from kcircuits.edit.requests import load_requests, source_shape, validate_requests
-from kcircuits.edit.settings import EditSettings, FinetuneOptions, RequestSettings, TraceSettings, ValueSettings
+from kcircuits.edit.settings import (
+    MEASURED_LAYERS,
+    EditSettings,
+    FinetuneOptions,
+    RequestSettings,
+    TraceSettings,
+    ValueSettings,
+)
 from kcircuits.edit.stats import generated_corpus, key_second_moment
 from kcircuits.errors import KcircuitsError
 from kcircuits.edit.trace import TraceResult, causal_trace
@@ -47,7 +54,8 @@ from kcircuits.io import json_default
 from kcircuits.steps import StepCache, json_digest, step_key
 
 __all__ = ["BENCH_METRICS", "SPREAD_METHODS", "TRACE_FILE", "EditOutput", "TraceOutput", "TraceSettings",
-           "context_prefixes", "edit", "edit_bench", "edit_circuits", "read_timings", "trace", "trace_prompts"]
+           "context_prefixes", "edit", "edit_bench", "edit_circuits", "read_timings", "trace", "trace_prompts",
+           "with_layer"]
 
 #: the run folder's trace: TraceResult.to_json() plus the relation and a summary of the probabilities
 TRACE_FILE = "trace.json"
@@ -260,9 +268,13 @@ def edit(source: str, model: str | LoadedModel = "smollm2-135m", *, out: str | P
                 "finetune": hashed_dict(fs),
                 "requests_sha256": json_digest([r.to_dict() for r in reqs], length=64)}
 
+    def check(lm: LoadedModel) -> None:  # before reproduce(): the folder's hash covers the layer edited
+        nonlocal es
+        es = with_layer(es, lm)
+
     run_folder, lm = open_run("edit", [Path(str(source)).stem, Path(name).name, es.method], reproduce, out, model,
                               RunSettings(device=es.device, dtype=es.dtype, batch_size=es.batch_size, seed=es.seed),
-                              check=lambda lm: _check_layer(es, lm))
+                              check=check)
     with run_folder.removed_if_failed():
         reqs = validate_requests(reqs, lm.tokenizer, one_batch=method.batched)
         run_folder.write_json("edits.json", {"method": es.method, "requests": [r.to_dict() for r in reqs]})
@@ -302,16 +314,21 @@ def _relation_options(source: str, rq: RequestSettings) -> dict:
             "other_relations": rq.other_relations, "n_other": rq.n_other}
 
 
-def _check_layer(es: EditSettings, lm: LoadedModel) -> None:
-    """The edited layer exists (checked before the run folder is made)."""
+def with_layer(es: EditSettings, lm: LoadedModel) -> EditSettings:
+    """``es`` with its edited layer: the one given, else the measured default of the model
+    (:data:`~kcircuits.edit.settings.MEASURED_LAYERS`, by model name); checked to exist before the run
+    folder is made. A model without a measured layer needs ``--layer``."""
     n = lm.weights.n_layers
     if es.layer is None:
-        raise KcircuitsError(f"give the MLP layer to edit with --layer (0..{n - 1}); `kcircuits trace RELATION` "
-                             "prints the critical layer, ROME's choice")
+        if lm.name not in MEASURED_LAYERS:
+            raise KcircuitsError(f"give the MLP layer to edit with --layer (0..{n - 1}); `kcircuits trace RELATION` "
+                                 "prints the critical layer, ROME's choice (docs/editing.md: choosing the layer)")
+        es = replace(es, layer=MEASURED_LAYERS[lm.name])
     if es.layer >= n:
         raise KcircuitsError(f"--layer {es.layer} is out of range: the model has layers 0..{n - 1}")
     if es.n_layers > es.layer + 1:
         raise KcircuitsError(f"--n-layers {es.n_layers} ending at --layer {es.layer} would start before layer 0")
+    return es
 
 
 def _cached(cache: StepCache, step: str, key: str, compute) -> dict:
@@ -448,9 +465,13 @@ def edit_bench(sources: Sequence[str], model: str | LoadedModel = "smollm2-135m"
                 "weights": lm.fingerprint, "edit": hashed_dict(es), "requests": hashed_dict(rq),
                 "value": hashed_dict(vs), "finetune": hashed_dict(fs)}
 
+    def check(lm: LoadedModel) -> None:
+        nonlocal es
+        es = with_layer(es, lm)
+
     run_folder, lm = open_run("edit-bench", [Path(str(s)).stem for s in sources][:3] + [Path(name).name], reproduce,
                               out, model, RunSettings(device=es.device, dtype=es.dtype, batch_size=es.batch_size,
-                                                      seed=es.seed), check=lambda lm: _check_layer(es, lm))
+                                                      seed=es.seed), check=check)
     rows = []
     with run_folder.removed_if_failed():
         for source in sources:

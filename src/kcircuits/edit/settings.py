@@ -20,8 +20,8 @@ from typing import Any
 from kcircuits.errors import KcircuitsError
 from kcircuits.settings import DTYPES, finite_number, one_of, option, require, set_field, whole_number
 
-__all__ = ["TRACE_KINDS", "EditCircuitSettings", "EditSettings", "FinetuneOptions", "RequestSettings", "TraceSettings",
-           "ValueSettings"]
+__all__ = ["MEASURED_LAYERS", "TRACE_KINDS", "EditCircuitSettings", "EditSettings", "FinetuneOptions",
+           "RequestSettings", "TraceSettings", "ValueSettings"]
 
 #: the states causal tracing restores (the same names, in the same order, as kcircuits.edit.trace.KINDS)
 TRACE_KINDS = ("hidden", "mlp", "attn")
@@ -148,13 +148,19 @@ class FinetuneOptions:
             require(self.loss_margin >= 0, f"--loss-margin must be >= 0, got {self.loss_margin:g}")
 
 
+#: the MLP layer ``kcircuits edit`` writes at when ``--layer`` is not given, by model name: chosen by measuring
+#: ROME at several layers (docs/editing.md, "Choosing the layer"); other models need ``--layer``
+MEASURED_LAYERS = {"smollm2-135m": 2}
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """How ``kcircuits edit`` writes the requests: the method, where, and with which key statistics."""
 
     method: str = option("rome", "edit method", choices=_edit_methods)
-    layer: int | None = option(None, "the MLP layer edited (ROME, FT; MEMIT: the last layer of its range); "
-                               "`kcircuits trace RELATION` prints the critical layer", type=int)
+    layer: int | None = option(None, "the MLP layer edited (ROME, FT; MEMIT: the last layer of its range); default "
+                               "for the bundled SmolLM2: 2, chosen by measurement (docs/editing.md); other models "
+                               "need it (`kcircuits trace RELATION` prints the critical layer)", type=int)
     n_layers: int = option(1, "layers edited, ending at --layer (MEMIT spreads each edit over them, FT-L/FT-M "
                            "train them; ROME edits one)")
     corpus: str | None = option(None, "text file, JSONL (a 'text' field per line) or folder of .txt files for the "
