@@ -119,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--verbose", action="store_true", help="show EasyEdit's own prints")
-    p.add_argument("--json", default="easyedit_rome_compare.json")
+    p.add_argument("--json", default="benchmarks/results/easyedit_rome_compare.json")
     return p.parse_args(argv)
 
 
@@ -243,8 +243,9 @@ def easyedit_rome(ee: SimpleNamespace, model, tok, request: dict, layer: int, C:
 # ------------------------------------------------------------------------------------------ kcircuits
 
 
-#: How EasyEdit's value loop (compute_v.py, the same as ROME's reference code) differs from kcircuits'
-#: (kcircuits.edit.rome.optimised_value); each can be switched on alone in :func:`convention_value`.
+#: How EasyEdit's value loop (compute_v.py, the same as ROME's reference code) differed from kcircuits' first
+#: version (kcircuits.edit.rome.optimised_value before this comparison); each can be switched on alone in
+#: :func:`convention_value` (with none of them it is that first version).
 CONVENTIONS = {
     "last_pass_no_step": "v_num_grad_steps passes, the last only evaluates the loss: N - 1 Adam steps, not N",
     "kl_at_subject": "the KL term compares the distributions at the subject's last token of '{subject} is a', "
@@ -253,6 +254,8 @@ CONVENTIONS = {
     "decay_unsquared": "weight decay ||delta|| / ||v0||^2, not ||delta||^2 / ||v0||^2",
     "early_stop": "stop once the loss is below 5e-2",
 }
+#: the conventions kcircuits adopted after this comparison (ROME's reference form); the one left is the step count
+ADOPTED = ("kl_at_subject", "kl_new_given_base", "decay_unsquared", "early_stop")
 
 
 @contextlib.contextmanager
@@ -450,10 +453,13 @@ def compare(ee, ee_model, ee_tok, lm, req: dict, setting: str, change: dict, C: 
             value = convention_value(lm, target, ours.key, req["prompt"], req["subject"], req["target_new"],
                                      args.steps, vs, use)
             return update(ours.key, value)
-        row["kcircuits_loop_rewritten_rel"] = rel(update_with(()), ours_delta)
-        row["one_convention_at_a_time_rel"] = {c: rel(update_with((c,)), ours_delta) for c in CONVENTIONS}
-        print(f"{'':>17} | kcircuits' loop rewritten: {row['kcircuits_loop_rewritten_rel']:.1e}; each EasyEdit "
-              "convention alone changes kcircuits' update by "
+        first = update_with(())  # kcircuits' first version, before it adopted ROME's reference conventions
+        row["kcircuits_loop_rewritten_rel"] = rel(update_with(ADOPTED), ours_delta)
+        row["first_version_vs_easyedit_rel"] = rel(first, theirs["delta"])
+        row["one_convention_at_a_time_rel"] = {c: rel(update_with((c,)), first) for c in CONVENTIONS}
+        print(f"{'':>17} | kcircuits' loop rewritten with {', '.join(ADOPTED)}: "
+              f"{row['kcircuits_loop_rewritten_rel']:.1e}; kcircuits' first version vs EasyEdit "
+              f"{row['first_version_vs_easyedit_rel']:.2e}; each convention alone changes the first version by "
               + ", ".join(f"{c} {r:.2e}" for c, r in row["one_convention_at_a_time_rel"].items()), flush=True)
     return row
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcircuits.edit.memit import memit_deltas, residual_target, spread_deltas, subject_residuals
+from kcircuits.edit.memit import (memit_deltas, residual_target, residual_targets, spread_deltas,
+                                  subject_residuals)
 from kcircuits.edit.requests import EditRequest
 from kcircuits.edit.rome import ValueSettings, rome_edit
 from kcircuits.edit.stats import key_second_moment, mlp_output
@@ -94,6 +95,18 @@ def test_the_covariance_weight_holds_the_change_back(lm, C_of, targets):
     held = spread_deltas(lm, REQUESTS, [1], targets, C_of, covariance_weight=10.0)
     (name, d_free), = free.items()
     assert 0 < held[name].norm() < d_free.norm()
+
+
+def test_targets_optimised_together_are_the_targets_one_by_one(lm, targets):
+    """Several requests' residual targets in one forward pass (each its own δ): the same as one by one."""
+    assert rel(residual_targets(lm, [1], REQUESTS, settings=PLAIN, batch_size=3), targets) < 1e-4
+    prefixes = ("", "Some context first. ")
+    alone = torch.stack([residual_target(lm, [0, 1], r, prefixes, PLAIN) for r in REQUESTS])
+    assert rel(residual_targets(lm, [0, 1], REQUESTS, prefixes, PLAIN, batch_size=2), alone) < 1e-4
+    # the residuals they start from: prompts of different lengths in one padded batch, or one at a time
+    mixed = [*REQUESTS, EditRequest("In {}, the capital is", "the United Kingdom", "Oslo")]
+    assert torch.allclose(subject_residuals(lm, 1, mixed), subject_residuals(lm, 1, mixed, batch_size=1),
+                          rtol=1e-5, atol=1e-6)
 
 
 def test_bad_requests_layers_and_targets_are_refused(lm, C_of, targets):

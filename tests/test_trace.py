@@ -1,6 +1,8 @@
 """Causal tracing (kcircuits.edit.trace): restoring every state gives the clean probability, restoring
-none the corrupted one, a hand-built model whose subject reaches the answer only through one MLP peaks
-at that MLP, and the trace is reproducible, batch-size independent and works for every family."""
+none the corrupted one, the fast path (rows start at their first restored position and layer, with the
+corrupted run's key/value cache and layer outputs) gives the numbers of a plain full forward per row on
+every family and on SmolLM2, a hand-built model whose subject reaches the answer only through one MLP
+peaks at that MLP, and the trace is reproducible, batch-size independent and works for every family."""
 
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ PROMPT, SUBJECT, ANSWER = "The capital of New York City is", "New York City", "A
 
 
 @pytest.fixture(scope="module")
+def smollm2():
+    from kcircuits.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
 def word_tokenizer():
     """A word-level tokenizer over the tiny models' 97 ids (fast, with character offsets)."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
@@ -30,18 +39,47 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def _manual_corrupt_prob(lm, sp: T.SubjectPrompt, noise: torch.Tensor) -> float:
-    """p_corrupt computed without hooks: noisy ``inputs_embeds``, one forward per noise sample."""
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _put_back(clean: torch.Tensor, pos: int):
+    """A forward hook writing ``clean[pos]`` at position ``pos`` of every row of a module's output."""
+    def hook(module, inputs, output):
+        hidden = _hidden(output).clone()
+        hidden[:, pos] = clean[pos]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return hook
+
+
+def _reference_probs(lm, sp: T.SubjectPrompt, restorations, noise: torch.Tensor) -> list[float]:
+    """Restored probabilities the plain slow way, sharing nothing with the code under test but the
+    module lookup: per restoration the whole prompt, one row per noise sample, noisy ``inputs_embeds``
+    and one hook per restored state; no cache, nothing skipped, every state restored as given."""
+    modules = T.trace_modules(lm.hf_model)
     ids = torch.tensor([sp.input_ids])
     start, end = sp.subject_range
-    probs = []
+    clean, handles = {}, []
+    for kind in T.KINDS:
+        for layer in range(modules.n_layers):
+            def keep(module, inputs, output, key=(kind, layer)):
+                clean[key] = _hidden(output)[0].clone()
+            handles.append(modules.module(kind, layer).register_forward_hook(keep))
     with torch.no_grad():
-        for sample in noise:
-            embeds = lm.hf_model.get_input_embeddings()(ids).clone()
-            embeds[0, start:end] += sample
-            logits = lm.hf_model(inputs_embeds=embeds).logits[0, -1]
-            probs.append(float(torch.softmax(logits, -1)[sp.answer_id]))
-    return sum(probs) / len(probs)
+        lm.hf_model(ids)
+        for h in handles:
+            h.remove()
+        embeds = lm.hf_model.get_input_embeddings()(ids).repeat(len(noise), 1, 1)
+        embeds[:, start:end] += noise
+        out = []
+        for states in restorations:
+            handles = [modules.module(kind, layer).register_forward_hook(_put_back(clean[(kind, layer)], pos))
+                       for kind, layer, pos in states]
+            probs = torch.softmax(lm.hf_model(inputs_embeds=embeds).logits[:, -1].double(), -1)[:, sp.answer_id]
+            for h in handles:
+                h.remove()
+            out.append(float(probs.mean()))
+    return out
 
 
 def _sharpened(family: str):
@@ -74,9 +112,87 @@ def test_restore_all_gives_clean_none_gives_corrupt(family, word_tokenizer):
     last_layer = [("hidden", L - 1, i) for i in range(P)]
     probs = T.restored_probs(lm, sp, [(), everything, last_layer, [("hidden", L - 1, P - 1)]], noise,
                              clean=clean, batch_size=4, modules=modules)
-    assert probs[0] == pytest.approx(_manual_corrupt_prob(lm, sp, noise), abs=1e-6)
+    assert probs[0] == pytest.approx(_reference_probs(lm, sp, [()], noise)[0], abs=1e-6)
     assert abs(probs[0] - clean.p_clean) > 1e-4  # the noise changes it, far beyond the tolerance (1e-6)
     assert probs[1:].tolist() == pytest.approx([clean.p_clean] * 3, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the fast path
+def _untouched(lm) -> bool:
+    """No hook left on any module and no layer's forward shadowed."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in lm.hf_model.modules())
+
+
+@pytest.mark.parametrize("prompt, subject", [(PROMPT, SUBJECT), ("New York City is in the", "New York")],
+                         ids=["subject-in-the-middle", "subject-at-the-start"])
+def test_fast_path_equals_slow_reference(family, word_tokenizer, prompt, subject):
+    """Rows start at their first restored position (the corrupted run's key/value cache before it) and
+    layer (the corrupted run's output of the layer before): the same numbers as the whole model per
+    row, with and without the cache, for restorations before, in and after the subject."""
+    lm = from_hf(_sharpened(family), word_tokenizer)
+    modules = T.trace_modules(lm.hf_model)
+    with torch.no_grad():
+        top = int(lm.hf_model(torch.tensor([word_tokenizer(prompt).input_ids])).logits[0, -1].argmax())
+    sp = T.locate_subject(word_tokenizer, prompt, subject, WORDS[top])
+    start, end = sp.subject_range
+    noise = T.subject_noise(end - start, modules.embed.weight.shape[1], 3, 3 * T.embedding_std(modules), seed=1)
+    L, P = modules.n_layers, sp.n_positions
+    restorations = [()] + [r for kind in T.KINDS for r in T.trace_restorations(kind, L, range(P), 2)[1]]
+    restorations += [[(k, layer, i) for k in T.KINDS for layer in range(L) for i in range(P)],  # everything
+                     [("mlp", 0, P - 1), ("hidden", L - 1, start), ("attn", 1, 0)]]  # a mix, one at position 0
+    reference = _reference_probs(lm, sp, restorations, noise)
+    assert max(reference) - min(reference) > 1e-4  # far beyond the tolerance: restorations matter
+    for kv_cache in (True, False):
+        probs = T.restored_probs(lm, sp, restorations, noise, batch_size=5, modules=modules, kv_cache=kv_cache)
+        assert probs.tolist() == pytest.approx(reference, abs=1e-6), kv_cache
+        assert _untouched(lm)
+    assert T.corrupted_run(lm, sp, noise, modules).cached  # every tested family's cache is reused
+
+
+def test_fast_path_runs_only_what_differs(word_tokenizer):
+    """Restoring the block output of layer l at position i runs positions [i, P) through layers
+    (l, L) only: counted in the MLPs' outputs, besides the corrupted run (every position and layer)
+    and its prefixes (positions [0, i) for each first restored position i)."""
+    lm = from_hf(tiny_hf("llama"), word_tokenizer)
+    modules = T.trace_modules(lm.hf_model)
+    sp = T.locate_subject(word_tokenizer, PROMPT, SUBJECT, ANSWER)
+    start, end = sp.subject_range
+    S, L, P = 2, modules.n_layers, sp.n_positions
+    noise = T.subject_noise(end - start, modules.embed.weight.shape[1], S, 1.0, seed=0)
+    cells, restorations = T.trace_restorations("hidden", L, range(start, P), 1)
+    clean = T.clean_run(lm, sp, modules)
+    counted = []
+    handles = [m.register_forward_hook(lambda m, i, o: counted.append(o.shape[0] * o.shape[1])) for m in modules.mlps]
+    try:  # batches of one restoration's rows: each computes exactly what it needs
+        T.restored_probs(lm, sp, restorations, noise, clean=clean, batch_size=S, modules=modules)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = S * sum((P - i) * (L - layer - 1) for layer, i in cells)
+    assert sum(counted) == rows + S * P * L + S * L * sum(range(start, P))
+    assert sum(counted) < 0.5 * len(restorations) * S * P * L  # the whole prompt through every layer, per row
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not has_smollm2(), reason="needs the bundled SmolLM2")
+@pytest.mark.parametrize("prompt, subject, answer", [
+    ("The capital city of New Zealand is", "New Zealand", "Wellington"),
+    ("Barack Obama was born in the state of", "Barack Obama", "Hawaii")])
+def test_fast_path_equals_slow_reference_smollm2(smollm2, prompt, subject, answer):
+    """The real Llama-family model (rotary positions after the cache, grouped keys and values): a
+    subject in the middle and one at the start, windows, single states and a mix."""
+    sp = T.locate_subject(smollm2.tokenizer, prompt, subject, answer)
+    modules = T.trace_modules(smollm2.hf_model)
+    start, end = sp.subject_range
+    noise = T.subject_noise(end - start, 576, 3, 3 * T.embedding_std(modules), seed=0)
+    L, P = modules.n_layers, sp.n_positions
+    window = [(k, layer, end - 1) for k in ("mlp", "attn") for layer in T.window_layers(5, 10, L)]
+    restorations = [(), [("hidden", 0, start)], [("hidden", L - 1, P - 1)], [("hidden", 12, end)], window,
+                    [("attn", 20, P - 1), ("mlp", 3, max(start - 1, 0)), ("hidden", 8, end - 1)]]
+    reference = _reference_probs(smollm2, sp, restorations, noise)
+    probs = T.restored_probs(smollm2, sp, restorations, noise, batch_size=4, modules=modules)
+    assert probs.tolist() == pytest.approx(reference, abs=1e-5)
+    assert _untouched(smollm2)
 
 
 # ----------------------------------------------------------------------------- one MLP carries the subject

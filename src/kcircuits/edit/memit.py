@@ -6,9 +6,11 @@ For requests ``i = 1..n`` (prompt with ``{}``, subject, new target) and layers `
    the residual stream at the output of decoder layer ``l_L`` at the subject's last token and
    ``δ_i`` is optimised there exactly as ROME optimises its value at the MLP output
    (:func:`kcircuits.edit.rome.optimised_value`: the new target's teacher-forced log-likelihood, the
-   KL "essence" term, weight decay and a norm clamp, both relative to ``‖h_i‖``);
+   KL "essence" term, weight decay and a norm clamp, both relative to ``‖h_i‖``, and the early stop);
+   :func:`residual_targets` optimises :data:`TARGET_BATCH` requests in one forward pass, each with
+   its own δ (the costly part of MEMIT: benchmarks/edit_cost.py);
 2. for each layer ``l_j`` in order (:func:`spread_deltas`), with the changes of ``l_1..l_{j-1}``
-   already applied: the keys ``K [d_mlp, n]`` (:func:`kcircuits.edit.rome.subject_key`), the
+   already applied: the keys ``K [d_mlp, n]`` (:func:`kcircuits.edit.rome.subject_keys`), the
    residuals ``h_i`` now reached at ``l_L`` (:func:`subject_residuals`), and the share of what is
    still missing that this layer writes, ``R = (z − h) / (L − j + 1)`` (MEMIT's
    ``resid = targets / (len(layers) - i)``); the MLP's output matrix then moves keys ``K`` towards
@@ -22,15 +24,14 @@ restores it). With one request, one layer and λ = 0 it is ROME's update of that
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from kcircuits.edit.registry import EditInputs, register
 from kcircuits.edit.requests import EditRequest, validate_requests
-from kcircuits.edit.rome import ValueSettings, optimised_value, split_template, subject_key, subject_position
-from kcircuits.edit.stats import body, mlp_output
+from kcircuits.edit.rome import ValueSettings, optimised_values, read_at, split_template, subject_keys, subject_position
+from kcircuits.edit.stats import mlp_output
 from kcircuits.edit.trace import trace_modules
 from kcircuits.edit.updates import least_squares_update
 from kcircuits.errors import KcircuitsError
@@ -53,37 +54,35 @@ def check_layers(lm: LoadedModel, layers: Sequence[int]) -> list[int]:
     return layers
 
 
-@contextmanager
-def _layer_outputs(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, each forward pass stores ``module``'s output ``[b, p, d_model]`` (a decoder
-    layer's, which may be the first element of a tuple) under ``"hidden"``."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(mod, inputs, output):
-        seen["hidden"] = (output[0] if isinstance(output, tuple) else output).detach()
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
+#: requests whose residual targets are optimised in one forward pass (each with its own δ; on a CPU the
+#: rows of several requests together make larger matrix products: benchmarks/edit_cost.py)
+TARGET_BATCH = 16
 
 
-@torch.no_grad()
-def subject_residuals(lm: LoadedModel, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
+def subject_residuals(lm: LoadedModel, layer: int, requests: Sequence[EditRequest], *,
+                      batch_size: int = 64) -> torch.Tensor:
     """``h [n, d_model]``: the residual stream at the output of decoder layer ``layer`` at each request's
-    subject's last token, on its plain prompt (no context prefix: what MEMIT measures ``z`` against)."""
-    module = trace_modules(lm.hf_model).layers[layer]
-    rows = []
-    with _layer_outputs(module) as seen:
-        for req in requests:
-            before, after = split_template(req.prompt, req.subject)
-            pos = subject_position(lm.tokenizer, before, req.subject)
-            ids = torch.tensor([lm.tokenizer(before + req.subject + after, add_special_tokens=False).input_ids],
-                               device=lm.device)
-            body(lm)(input_ids=ids)
-            rows.append(seen["hidden"][0, pos])
-    return torch.stack(rows)
+    subject's last token, on its plain prompt (no context prefix: what MEMIT measures ``z`` against);
+    ``batch_size`` prompts per forward pass, each pass ending at that layer
+    (:func:`kcircuits.edit.rome.read_at`)."""
+    rows, positions = [], []
+    for req in requests:
+        before, after = split_template(req.prompt, req.subject)
+        rows.append(lm.tokenizer(before + req.subject + after, add_special_tokens=False).input_ids)
+        positions.append(subject_position(lm.tokenizer, before, req.subject))
+    return read_at(lm, trace_modules(lm.hf_model).layers[layer], rows, positions, batch_size=batch_size)
+
+
+def residual_targets(lm: LoadedModel, layers: Sequence[int], requests: Sequence[EditRequest],
+                     prefixes: Sequence[str] = ("",), settings: ValueSettings | None = None, *,
+                     batch_size: int = TARGET_BATCH) -> torch.Tensor:
+    """``z [n, d_model]``: :func:`residual_target` of each of ``requests``, ``batch_size`` of them optimised
+    in one forward pass (each with its own δ, Adam state and early stop: the same targets as one by one,
+    up to float rounding)."""
+    last = check_layers(lm, layers)[-1]
+    edits = [(r.prompt, r.subject, r.target_new) for r in requests]
+    return optimised_values(lm, trace_modules(lm.hf_model).layers[last], subject_residuals(lm, last, requests), edits,
+                            prefixes, settings, batch_size=batch_size)
 
 
 def residual_target(lm: LoadedModel, layers: Sequence[int], request: EditRequest,
@@ -92,11 +91,10 @@ def residual_target(lm: LoadedModel, layers: Sequence[int], request: EditRequest
     subject's last token, so that ``request.target_new`` follows ``request.prompt``.
 
     ``z = h + δ`` with ``h`` the clean residual there (:func:`subject_residuals`) and ``δ`` optimised
-    on ``prefix + prompt`` for each of ``prefixes`` with ROME's losses (``settings``: steps, lr,
-    ``kl_factor``, ``weight_decay`` × ‖δ‖²/‖h‖², ‖δ‖ ≤ ``clamp_norm`` × ‖h‖). ``lm`` is not changed."""
-    last = check_layers(lm, layers)[-1]
-    return optimised_value(lm, trace_modules(lm.hf_model).layers[last], subject_residuals(lm, last, [request])[0],
-                           request.prompt, request.subject, request.target_new, prefixes, settings)
+    on ``prefix + prompt`` for each of ``prefixes`` with ROME's losses and early stop (``settings``: steps,
+    lr, ``kl_factor``, ``weight_decay`` × ‖δ‖/‖h‖², ‖δ‖ ≤ ``clamp_norm`` × ‖h‖;
+    :func:`kcircuits.edit.rome.optimised_values`). ``lm`` is not changed."""
+    return residual_targets(lm, layers, [request], prefixes, settings)[0]
 
 
 def _summed(deltas: Mapping[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +113,7 @@ def layer_delta(lm: LoadedModel, layer: int, requests: Sequence[EditRequest], re
 
     The model as it is now (earlier layers' changes applied by the caller) gives the keys."""
     target = mlp_output(lm, layer)
-    K = torch.stack([subject_key(lm, target, r.prompt, r.subject, prefixes) for r in requests], 1)  # [d_mlp, n]
+    K = subject_keys(lm, target, [(r.prompt, r.subject) for r in requests], prefixes).T  # [d_mlp, n]
     W = target.matrix(lm).detach()  # [d_model, d_mlp]
     V = W.double() @ K.double() + residual.double()  # [d_model, n], in float64 so that V − W K is R exactly
     return target.delta(least_squares_update(W, K, V, C.to(K.device), covariance_weight))
@@ -123,21 +121,23 @@ def layer_delta(lm: LoadedModel, layer: int, requests: Sequence[EditRequest], re
 
 def memit_deltas(lm: LoadedModel, requests: Sequence[EditRequest], layers: Sequence[int],
                  C_of: Callable[[int], torch.Tensor], *, prefixes: Sequence[str] = ("",),
-                 settings: ValueSettings | None = None, covariance_weight: float = 0.0) -> dict[str, torch.Tensor]:
+                 settings: ValueSettings | None = None, covariance_weight: float = 0.0,
+                 batch_size: int = TARGET_BATCH) -> dict[str, torch.Tensor]:
     """MEMIT's edit of ``lm`` writing every request of ``requests`` at once into the MLPs of ``layers``
     (strictly increasing); returns the summed delta ``{param_name: Δ}`` of their output matrices.
 
     ``C_of(layer)``: that layer's key second moment ``[d_mlp, d_mlp]``
     (:func:`kcircuits.edit.stats.key_second_moment`), always called while ``lm`` is unedited;
     ``prefixes``: the contexts keys are averaged over and targets optimised on; ``settings``: the
-    residual-target optimisation (:func:`residual_target`); ``covariance_weight``: λ ≥ 0, how strongly
+    residual-target optimisation (:func:`residual_target`; ``batch_size`` requests per forward pass,
+    :func:`residual_targets`); ``covariance_weight``: λ ≥ 0, how strongly
     keys in general keep their values (0: the requests' keys reach their targets exactly). The
     requests are validated as one batch (conflicting requests for one subject are refused) and the
     layers checked before anything is computed. ``lm`` is not changed; apply the result with
     :func:`kcircuits.models.edits.edited`."""
     requests = validate_requests(requests, lm.tokenizer)
     layers = check_layers(lm, layers)
-    targets = torch.stack([residual_target(lm, layers, r, prefixes, settings) for r in requests])  # [n, d_model]
+    targets = residual_targets(lm, layers, requests, prefixes, settings, batch_size=batch_size)  # [n, d_model]
     return spread_deltas(lm, requests, layers, targets, C_of, prefixes=prefixes, covariance_weight=covariance_weight)
 
 

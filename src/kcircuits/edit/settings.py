@@ -108,14 +108,16 @@ class RequestSettings:
 @dataclass(frozen=True)
 class ValueSettings:
     """How ROME/MEMIT optimise the value they write (ROME's defaults for GPT-2 XL: 20 steps, lr 0.5,
-    KL factor 0.0625, clamp 4, weight decay 0.5)."""
+    KL factor 0.0625, clamp 4, weight decay 0.5; the loss terms as in ROME's reference code, see
+    :func:`kcircuits.edit.rome.optimised_values`)."""
 
     steps: int = option(20, "optimisation steps of the value written (ROME/MEMIT)", flag="--v-steps")
     lr: float = option(0.5, "learning rate of the value's optimisation (Adam)", flag="--v-lr", type=float)
     kl_factor: float = option(0.0625, "weight of the KL term keeping '{subject} is a' as it was", type=float)
     clamp_norm: float = option(4.0, "the value's change is at most this times the original value's norm",
                                type=float)
-    weight_decay: float = option(0.5, "weight of ||change||^2 / ||value||^2 in the value's loss", type=float)
+    weight_decay: float = option(0.5, "weight of ||change|| / ||value||^2 in the value's loss (ROME's form)",
+                                 type=float)
 
     def __post_init__(self) -> None:
         set_field(self, "steps", whole_number(self.steps, "--v-steps", 0))
