@@ -104,6 +104,9 @@ def main() -> None:
                     "empty one: then (a) is not timed from scratch")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    from kcircuits.cli import GOMP_SPINCOUNT  # torch-free
+
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # as `kcircuits edit` runs (before torch loads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,10 +130,11 @@ def main() -> None:
     logging.getLogger("kcircuits.edit.rome").setLevel(logging.DEBUG)
     results: dict = {"model": args.model, "layer": args.layer, "n_layers": args.n_layers, "n": args.n,
                      "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                     "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                      "load_1min_before": round(os.getloadavg()[0], 2), "fresh_cache": not args.cache, "steps": {}}
     print(f"step cache {os.environ['KCIRCUITS_STEP_CACHE']}")
-    print(f"{args.model}, layer {args.layer}; torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; "
-          f"load before {results['load_1min_before']}")
+    print(f"{args.model}, layer {args.layer}; torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs "
+          f"(GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT')}); load before {results['load_1min_before']}")
     es = EditSettings(method="memit", layer=args.layer, n_layers=args.n_layers)
     vs = ValueSettings() if args.v_steps is None else ValueSettings(steps=args.v_steps)
     steps = results["steps"]

@@ -336,6 +336,48 @@ def test_viewer_edge_cases_in_chromium(driver, tmp_path: Path) -> None:
     assert not _console_errors(driver)
 
 
+def test_two_viewers_side_by_side_highlight_the_difference(driver, tmp_path: Path) -> None:
+    """A circuit pair (kcircuits edit-circuits' report): both viewers mount on one page with their own
+    controls; each draws in the highlight colour exactly the edges its circuit has and the other lacks,
+    also after re-selecting, and the page's run viewer hook is the first of them."""
+    from kcircuits.report.circuit_pairs import circuit_pair
+
+    graph = Graph(3, 6, 2, True, False)
+    gen = torch.Generator().manual_seed(4)
+    sa, sb = (torch.randn(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists() for _ in range(2))
+    a, b = prune(select_topn(graph, sa, 40)), prune(select_topn(graph, sb, 40))
+    assert a.n_edges <= 100 and b.n_edges <= 100  # both open on the whole circuit
+    page = tmp_path / "pair.html"
+    write_report(page, {"title": "pair", "circuit_pairs": [circuit_pair("fact", a, b, ("before", "after"))]})
+    _open(driver, page)
+    keys = ["kcv-pair0-before", "kcv-pair0-after"]
+    assert sorted(driver.execute_script("return Object.keys(kcViewers)")) == sorted(keys)
+    assert driver.execute_script("return kcViewer === kcViewers['kcv-pair0-before']")
+    names = {k: _names(graph, c.edges) for k, c in zip(keys, (a, b), strict=True)}
+    for key, other in zip(keys, keys[::-1], strict=True):
+        hook = f"kcViewers['{key}']"
+        assert set(driver.execute_script(f"return {hook}.selectedEdges()")) == names[key]
+        assert set(driver.execute_script(f"return {hook}.highlightedEdges()")) == names[key] - names[other] != set()
+        svg = driver.execute_script(f"return {hook}.exportSVG()")
+        paths = re.findall(r'<path class="edges highlighted" d="([^"]*)"', svg)
+        assert sum(p.count("M") for p in paths) == len(names[key] - names[other])
+        nodes = set(driver.execute_script(f"return {hook}.highlightedNodes()"))
+        one = a if key.endswith("before") else b
+        assert nodes == set(one.nodes()) - set((b if one is a else a).nodes())
+        assert svg.count('<circle class="highlighted"') == len(nodes)
+    # re-selecting one side changes that side only; its highlight stays the other circuit's complement
+    driver.execute_script("var s=document.getElementById('kcv-pair0-after-n'); s.value='80'; "
+                          "s.dispatchEvent(new Event('input'))")
+    assert _wait(driver, "return document.getElementById('kcv-pair0-after').getAttribute('data-n') === '80'")
+    drawn = set(driver.execute_script("return kcViewers['kcv-pair0-after'].selectedEdges()"))
+    assert drawn == _names(graph, prune(select_topn(graph, sb, 80)).edges)
+    assert set(driver.execute_script("return kcViewers['kcv-pair0-after'].highlightedEdges()")) == \
+        drawn & (names[keys[1]] - names[keys[0]])
+    assert set(driver.execute_script("return kcViewers['kcv-pair0-before'].selectedEdges()")) == names[keys[0]]
+    driver.save_screenshot(str(SCREENSHOT.with_name(SCREENSHOT.stem + "_pair.png")))
+    assert not _console_errors(driver)
+
+
 def test_redraw_10k_edges(driver, tmp_path: Path) -> None:
     """SmolLM2-135M's graph (30 layers x 9 heads, 3 kv heads, 70,651 edges), > 10^4 drawn edges."""
     graph = Graph(30, 9, 3, True, False)

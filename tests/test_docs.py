@@ -86,6 +86,9 @@ FUNCTIONS = [
     "kcircuits.data.prompts:encode_text",
     "kcircuits.report.svg:circuit_svg",
     "kcircuits.report.circuit_pairs:circuit_pair_html",
+    "kcircuits.report.circuit_pairs:circuit_pair",
+    "kcircuits.report.circuit_pairs:pair_viewers",
+    "kcircuits.report.viewer:viewer_html",
     # influence functions
     "kcircuits.influence.api:fit",
     "kcircuits.influence.api:score",

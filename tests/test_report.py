@@ -708,3 +708,47 @@ def test_circuit_pair_highlights_exactly_what_one_side_lacks() -> None:
     assert row_labels(left) == row_labels(right)  # the same rows: a node sits at the same height in both
     same = circuit_pair_html(ja, ja)
     assert " diff" not in same and 'class="ring"' not in same
+
+
+def test_circuit_pair_viewers_highlight_each_sides_own_edges() -> None:
+    """The interactive pair: two viewers with their own ids, each marking exactly what only its circuit
+    has (lost on the left, gained on the right), one script for both, the static drawings kept."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from kcircuits.errors import KcircuitsError
+    from kcircuits.graph import Graph, prune, select_topn
+    from kcircuits.report import render_report
+    from kcircuits.report.circuit_pairs import circuit_pair
+
+    graph = Graph(3, 4, 4, True, False)
+    gen = torch.Generator().manual_seed(2)
+    sa, sb = (torch.randn(graph.n_src, graph.n_dst, generator=gen) * graph.edge_exists() for _ in range(2))
+    a, b = prune(select_topn(graph, sa, 60)), prune(select_topn(graph, sb, 60))
+    item = circuit_pair("fact 0", a, b, ("before: A", "after: B"), n_prompts=3)
+
+    def marked(payload: dict) -> set[str]:
+        dec = lambda spec, dt: np.frombuffer(base64.b64decode(spec["data"]), dtype=dt)  # noqa: E731
+        src = dec(payload["edges"]["src"], "<u2" if payload["edges"]["src"]["dtype"] == "uint16" else "<i4")
+        dst = dec(payload["edges"]["dst"], "<u2" if payload["edges"]["dst"]["dtype"] == "uint16" else "<i4")
+        return {graph.edge_name(int(src[r]), int(dst[r])) for r in dec(payload["highlight"]["ranks"], "<i4")}
+
+    names = lambda c: {graph.edge_name(s, d) for s, d in torch.nonzero(c.edges).tolist()}  # noqa: E731
+    v = item["viewers"]
+    assert marked(v["before"]) == names(a) - names(b) and marked(v["after"]) == names(b) - names(a)
+    assert set(v["before"]["highlight"]["nodes"]) == set(a.nodes()) - set(b.nodes())
+    assert "lost" in v["before"]["highlight"]["label"] and "gained" in v["after"]["highlight"]["label"]
+    page = render_report({"title": "t", "circuit_pairs": [item, {**item, "title": "fact 1"}]})
+    ids = re.findall(r'<div class="kcv" id="([^"]+)"', page)
+    assert ids == ["kcv-pair0-before", "kcv-pair0-after", "kcv-pair1-before", "kcv-pair1-after"]
+    all_ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(all_ids) == len(set(all_ids))  # no id twice on the page
+    assert page.count("<script>") == 1 and page.count('type="application/json"') == 4
+    assert page.count("<summary>static drawings") == 2 and page.count(" diff") > 0
+    bare = circuit_pair("fact 0", a, b, viewers=False)
+    assert "viewers" not in bare and "kcv-pair" not in render_report({"circuit_pairs": [bare]})
+    small = Graph(2, 4, 4, True, False)
+    with pytest.raises(KcircuitsError, match="different graphs"):
+        circuit_pair("x", a, prune(select_topn(small, torch.ones(small.n_src, small.n_dst), 5)))

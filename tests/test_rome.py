@@ -157,11 +157,14 @@ def full_forward_value(lm, module, v0, prompt, subject, new_target, prefixes, st
     return (v0 + delta).detach()
 
 
+@pytest.mark.parametrize("passes", ["one pass", "essence apart"])
 @pytest.mark.parametrize("where", ["mlp", "block"])
-def test_the_shortcut_value_is_the_full_forward_value(lm, where):
+def test_the_shortcut_value_is_the_full_forward_value(lm, where, passes, monkeypatch):
     """Cached positions before the subject, skipped layers below δ, unembedding only where scored and
-    several requests in one batch give what full forward passes give (ROME: δ at an MLP's output;
-    MEMIT: at a decoder layer's), on every family."""
+    several requests in one batch (the essence rows in the same forward pass or in one of their own)
+    give what full forward passes give (ROME: δ at an MLP's output; MEMIT: at a decoder layer's), on
+    every family."""
+    monkeypatch.setattr(rome, "SPLIT_TOKENS", 0 if passes == "essence apart" else 10**9)
     layer = lm.weights.n_layers - 2  # below it, layers to skip (but qwen2's two); above, one δ reaches the answer by
     module = mlp_output(lm, layer).module if where == "mlp" else trace_modules(lm.hf_model).layers[layer]
     d = lm.hf_model.get_input_embeddings().weight.shape[1]

@@ -316,3 +316,45 @@ def test_payload_numbers_are_finite_json() -> None:
                 walk(x)
 
     walk(p)
+
+
+def test_highlighted_edges_are_stored_and_marked_exactly() -> None:
+    """The highlight ranks decode to exactly the highlighted edges, even those past the stored cap."""
+    graph = Graph(3, 6, 2, True, False)
+    scores = random_scores(graph, 5)
+    circuit = prune(select_topn(graph, scores, 60))
+    other = prune(select_topn(graph, random_scores(graph, 6), 60))
+    mark = circuit.edges & ~other.edges
+    assert 0 < int(mark.sum()) < circuit.n_edges
+    hl = mark.clone()
+    weakest = torch.nonzero(graph.edge_exists() & ~circuit.edges)[-1].tolist()  # also one edge outside the circuit
+    hl[weakest[0], weakest[1]] = True
+    for cap in (10**6, 20):
+        p = viewer_payload(graph, circuit, scores, max_edges=cap, highlight=hl, highlight_nodes=["a1.h2", "m0"],
+                           highlight_label="only here")
+        src, dst = decode(p["edges"]["src"]), decode(p["edges"]["dst"])
+        got = {(int(src[r]), int(dst[r])) for r in decode(p["highlight"]["ranks"])}
+        assert got == set(map(tuple, torch.nonzero(hl).tolist()))
+        assert p["highlight"]["nodes"] == ["a1.h2", "m0"] and p["highlight"]["label"] == "only here"
+        ranks = decode(p["circuit"]["ranks"])  # the circuit is still exactly the circuit
+        assert {(int(src[r]), int(dst[r])) for r in ranks} == set(map(tuple, torch.nonzero(circuit.edges).tolist()))
+    assert viewer_payload(graph, circuit, scores)["highlight"] is None
+    with pytest.raises(KcircuitsError, match="highlight has shape"):
+        viewer_payload(graph, circuit, scores, highlight=hl[:, :-1])
+
+
+def test_viewer_html_ids_follow_the_key() -> None:
+    from kcircuits.report.viewer import viewer_html
+
+    graph = Graph(2, 4, 4, True, False)
+    circuit, scores = _circ(graph)
+    p = viewer_payload(graph, circuit, scores)
+    html = viewer_html(p, "kcv-pair0-after")
+    ids = re.findall(r'id="([^"]+)"', html)
+    assert ids and all(i == "kcv-pair0-after" or i.startswith("kcv-pair0-after-") for i in ids)
+    assert "<script>" not in html  # one script per page section, after the viewers it mounts
+    assert set(re.findall(r'id="kcv[^"]*"', viewer_section(p))) == {i.replace("kcv-pair0-after", "kcv", 1)
+                                                                    for i in re.findall(r'id="kcv[^"]*"', html)}
+    for bad in ("pair", "kcv-Pair", "kcv-a b", 'kcv"><script>'):
+        with pytest.raises(KcircuitsError, match="viewer key"):
+            viewer_html(p, bad)

@@ -273,8 +273,8 @@ def compare_fact(run: RunFolder, index: int, request: EditRequest, deltas: dict,
         progress: show the attribution's progress bars.
 
     Returns:
-        ``(result, circuits)``: the JSON-ready comparison, and ``{"before": circuit_json, "after":
-        circuit_json}`` for the report's drawing.
+        ``(result, circuits)``: the JSON-ready comparison, and ``{"before": Circuit, "after": Circuit}``
+        (with each side's scores) for the report's drawings.
     """
     if not request.target_true:
         raise KcircuitsError(f"fact {index} ({request.prompt_text!r}) has no true target: its circuit before the "
@@ -307,7 +307,7 @@ def compare_fact(run: RunFolder, index: int, request: EditRequest, deltas: dict,
                                    "after": _settles(after.explained["true"])},
         "movers": _movers(before, after, thresholds, top_heads),
     }
-    return result, {"before": before.circuit.to_json(), "after": after.circuit.to_json()}
+    return result, {"before": before.circuit, "after": after.circuit}
 
 
 def compare_neighbours(run: RunFolder, probes: Sequence[Probe], deltas: dict, engine: Engine, lm: LoadedModel,
@@ -348,4 +348,4 @@ def compare_neighbours(run: RunFolder, probes: Sequence[Probe], deltas: dict, en
                                                  for c, k in matches],
               "before": {k: ev_before.get(k) for k in keys}, "after": {k: ev_after.get(k) for k in keys},
               "change": circuit_change(before, after)}
-    return result, {"before": before.to_json(), "after": after.to_json()}
+    return result, {"before": before, "after": after}

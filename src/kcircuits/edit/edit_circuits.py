@@ -25,6 +25,7 @@ from kcircuits.models.edits import delta_metadata, load_delta
 from kcircuits.models.fingerprint import tensor_digest
 from kcircuits.pipeline import model_name, open_run
 from kcircuits.report import write_report
+from kcircuits.report.circuit_pairs import circuit_pair
 from kcircuits.settings import (
     AttributionSettings,
     CircuitSize,
@@ -226,15 +227,18 @@ def _change_rows(res: dict) -> list[dict]:
 
 
 def _report(res: dict, drawings: list[dict], name: str, config: dict) -> dict:
-    """The report dict: findings, a change table, lens charts, mover tables and the circuit pairs."""
+    """The report dict: findings, a change table, lens charts, mover tables and the circuit pairs (static
+    drawings and interactive viewers; ``drawings``: ``{"before": Circuit, "after": Circuit}`` per fact, then
+    the neighbours')."""
     facts = res["facts"]
-    pairs = [{"title": f"{f['prompt']} {f['target_true']} \u2192 {f['target_new']}", **d,
-              "labels": (f"before: {f['target_true']} on the original model",
-                         f"after: {f['target_new']} on the edited model"), "n_prompts": f["n_pairs"]}
+    pairs = [circuit_pair(f"{f['prompt']} {f['target_true']} \u2192 {f['target_new']}", d["before"], d["after"],
+                          (f"before: {f['target_true']} on the original model",
+                           f"after: {f['target_new']} on the edited model"), n_prompts=f["n_pairs"])
              for f, d in zip(facts, drawings, strict=False)]
     if res.get("neighbours"):
-        pairs.append({"title": "neighbour prompts", **drawings[-1], "n_prompts": res["neighbours"]["n_pairs"],
-                      "labels": ("before: original model", "after: edited model")})
+        pairs.append(circuit_pair("neighbour prompts", drawings[-1]["before"], drawings[-1]["after"],
+                                  ("before: original model", "after: edited model"),
+                                  n_prompts=res["neighbours"]["n_pairs"]))
     tables = [{"title": "What changed in each fact's circuit", "rows": _change_rows(res)}]
     tables += [{"title": f"Heads that move the subject's attribute: {f['prompt']}", "rows": f["movers"],
                 "caption": "Attention to the subject from the answer position and direct effect on each target's "

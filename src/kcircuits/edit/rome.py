@@ -315,11 +315,17 @@ def optimised_values(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor,
     return out
 
 
+#: the essence rows run in a forward pass of their own when that saves at least this many padded token
+#: positions: a pass reads every weight once more, about what a product of 64 rows costs on a CPU
+#: (benchmarks/edit_cost.py: one ROME request runs one pass, MEMIT's batches two)
+SPLIT_TOKENS = 64
+
+
 class _Bottom:
     """The decoder layers below ``module`` (and its layer itself when ``module`` is a decoder layer) do not
     depend on δ: ``with bottom():`` around each step's forward pass records their output on the first
     pass and, on later ones, makes them return it without computing (the model's loop still calls them;
-    ``module``'s own hooks still run on what it returns). :meth:`reset` when the rows change."""
+    ``module``'s own hooks still run on what it returns). One per pass, made anew when its rows change."""
 
     def __init__(self, lm: LoadedModel, module: torch.nn.Module):
         from kcircuits.edit.trace import trace_modules
@@ -328,9 +334,6 @@ class _Bottom:
         home = next(i for i, layer in enumerate(layers) if any(m is module for m in layer.modules()))
         self.layers = layers[:home + 1] if layers[home] is module else layers[:home]
         self.kept: dict[str, object] = {}
-
-    def reset(self) -> None:
-        self.kept.clear()
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -419,9 +422,9 @@ def _optimise(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, plans:
     """:func:`optimised_values` of one batch of requests (``v0 [k, d_model]``, their rows ``plans``): the
     values, the steps each took and the loss each had when it ended (the last evaluated).
 
-    Each step runs two forward passes: the prefix rows (their target tokens scored), and the essence rows
-    (one scored position each, often the first: a pass of its own pads them to their own width). A
-    request that stops leaves both: later passes run only the rows of those still going."""
+    The essence rows have one scored position each (often their first): with many requests they get a
+    forward pass of their own, padded to their own width (see :data:`SPLIT_TOKENS`). A request that
+    stops leaves the batch: later passes run only the rows of those still going."""
     dev, k = lm.device, len(plans)
     first = [0]
     for p in plans:
@@ -446,16 +449,19 @@ def _optimise(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, plans:
                 got = _returned_cache(body(lm)(input_ids=ids, attention_mask=real, use_cache=True))
         return got
 
-    def passes(going: list[int]) -> tuple[_Pass, _Pass, tuple[torch.Tensor, ...]]:
-        """The prefix rows' pass, the essence rows' pass, and the target tokens' ids, requests and weights."""
+    def passes(going: list[int]) -> tuple[list[_Pass], tuple[torch.Tensor, ...]]:
+        """The forward passes of the rows of ``going`` (the prefix rows, then the essence rows: in one pass,
+        or in two when that saves :data:`SPLIT_TOKENS` padded positions or more) and the target tokens'
+        ids, requests and weights."""
         main = [(j, plans[j].rows[r], plans[j].subject[r], plans[j].scored[r], first[j] + r)
                 for j in going for r in range(len(plans[j].targets))]
         ess = [(j, plans[j].rows[-1], plans[j].subject[-1], plans[j].scored[-1], first[j + 1] - 1) for j in going]
         targets = [(t, j, 1.0 / (len(plans[j].targets[r]) * len(plans[j].targets)))  # mean over tokens, prefixes
                    for j in going for r in range(len(plans[j].targets)) for t in plans[j].targets[r]]
         tok = tuple(torch.tensor(col, device=dev) for col in zip(*targets, strict=True))
-        return (_pass_inputs(lm, [x[:4] for x in main], past_len, cut([x[4] for x in main])),
-                _pass_inputs(lm, [x[:4] for x in ess], past_len, cut([x[4] for x in ess])), tok)
+        width = [max(max(sc) + 1 - a for _, _, a, sc, _ in part) for part in (main, ess)]
+        groups = [main, ess] if len(ess) * (width[0] - width[1]) >= SPLIT_TOKENS else [main + ess]
+        return [_pass_inputs(lm, [x[:4] for x in g], past_len, cut([x[4] for x in g])) for g in groups], tok
 
     def run(p: _Pass, bottom: _Bottom) -> torch.Tensor:
         """log-probabilities ``[scored, vocab]`` at the pass's scored positions, δ added."""
@@ -466,7 +472,8 @@ def _optimise(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, plans:
         return torch.log_softmax(unembed(hidden[p.score_row, p.score_col]).float(), -1)
 
     going = list(range(k))
-    main, ess, (tok_id, tok_owner, tok_weight) = passes(going)
+    todo, (tok_id, tok_owner, tok_weight) = passes(going)
+    bottoms = [_Bottom(lm, module) for _ in todo]
     unembed = lm.hf_model.get_output_embeddings()
     v0f = v0.float()
     v0_sq = v0f.norm(dim=1) ** 2
@@ -478,14 +485,14 @@ def _optimise(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, plans:
     ran = [0] * k
     last = [float("nan")] * k
     base = None
-    bottoms = (_Bottom(lm, module), _Bottom(lm, module))
     for _ in range(st.steps):
         opt.zero_grad()
         running = torch.tensor(going, device=dev)
-        logp = run(main, bottoms[0])
-        nll_tok = -logp[torch.arange(len(tok_id), device=dev), tok_id] * tok_weight
+        logp = torch.cat([run(p, bottom) for p, bottom in zip(todo, bottoms, strict=True)])
+        n_tok = len(tok_id)  # the target tokens' log-probabilities, then the essence rows'
+        nll_tok = -logp[torch.arange(n_tok, device=dev), tok_id] * tok_weight
         nll = torch.zeros(k, device=dev).index_add(0, tok_owner, nll_tok)[running]
-        new = run(ess, bottoms[1])
+        new = logp[n_tok:]
         if base is None:
             base = new.detach()  # δ = 0 at the first pass, every request in it: the unedited model's distribution
         kl = (new.exp() * (new - base[running])).sum(-1)  # KL(new ‖ base), as ROME's compute_v
@@ -508,9 +515,8 @@ def _optimise(lm: LoadedModel, module: torch.nn.Module, v0: torch.Tensor, plans:
             delta[over] *= (limit[over] / norms[over])[:, None]
         if finished.any():  # the next passes run only the requests still going
             going = [j for j in going if not done[j]]
-            main, ess, (tok_id, tok_owner, tok_weight) = passes(going)
-            for bottom in bottoms:
-                bottom.reset()
+            todo, (tok_id, tok_owner, tok_weight) = passes(going)
+            bottoms = [_Bottom(lm, module) for _ in todo]
     return (v0f + delta.detach()).to(v0.dtype), ran, last
 
 

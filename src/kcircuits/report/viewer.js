@@ -1,11 +1,24 @@
 /* kcircuits interactive circuit viewer (inlined into report.html; no network, no libraries).
- * Data: the JSON payload in #kcv-data (see docs/viewer.md). Edges are stored by decreasing |score|,
- * so "top n" is a prefix; prune() mirrors kcircuits.graph.prune exactly. */
+ * Data: the JSON payload in #<root id>-data (see docs/viewer.md). Edges are stored by decreasing |score|,
+ * so "top n" is a prefix; prune() mirrors kcircuits.graph.prune exactly. A page can hold several viewers
+ * (div.kcv, each with its own id; "kcv" is the run's own): every one not yet mounted is mounted, and
+ * window.kcViewers[id] is its scripting hook (window.kcViewer the run's, or the first). */
 (function () {
   "use strict";
-  var root = document.getElementById("kcv");
-  if (!root) return;
-  var $ = function (id) { return document.getElementById(id); };
+  window.kcViewers = window.kcViewers || {};
+  Array.prototype.forEach.call(document.querySelectorAll("div.kcv"), function (root) {
+    if (root.getAttribute("data-mounted")) return;
+    root.setAttribute("data-mounted", "1");
+    var api = mount(root);
+    if (!api) return;
+    window.kcViewers[root.id] = api;
+    if (root.id === "kcv" || !window.kcViewer) window.kcViewer = api;
+  });
+
+function mount(root) {
+  // the viewer's elements are named "kcv-notes", "kcv-stage", ... after the root "kcv"; another root
+  // "kcv-x" has "kcv-x-notes", ...
+  var $ = function (id) { return document.getElementById(root.id + id.slice(3)); };
   var notesEl = $("kcv-notes");
   var P;
   try { P = JSON.parse($("kcv-data").textContent); } catch (err) {
@@ -29,6 +42,13 @@
   var details = (P.details && P.details.nodes) || {};
   var example = (P.details && P.details.example) || null;
   var hasScores = !!P.has_scores;
+  // the edges and nodes to highlight (what only this circuit has, beside another): stored ranks, node names
+  var HL = new Uint8Array(ES.length), HLN = {}, hlSpec = P.highlight || null;
+  if (hlSpec) {
+    var hlr = decode(hlSpec.ranks);
+    for (var hi = 0; hi < hlr.length; hi++) HL[hlr[hi]] = 1;
+    (hlSpec.nodes || []).forEach(function (nm) { HLN[nm] = 1; });
+  }
 
   // ------------------------------------------------------------------ nodes and layout (world units)
   var stage = $("kcv-stage"), ROW = 64, R = 7;
@@ -41,7 +61,7 @@
   })();
   var COLOURS = {input: "#059669", head: "#f59e0b", kv: "#d97706", mlp: "#7c3aed", logits: "#334155"};
   var KV_LINK = "#f3d9a8", LABEL_GAP = 14, LABEL_FONT = "11px system-ui,-apple-system,Segoe UI,Roboto,Arial,sans-serif";
-  var POS = "#2563eb", NEG = "#dc2626", NANC = "#9ca3af", IDLE = "#d1d5db";
+  var POS = "#2563eb", NEG = "#dc2626", NANC = "#9ca3af", IDLE = "#d1d5db", DIFF = (hlSpec && hlSpec.colour) || "#16a34a";
   var nodes = [], nodeIndex = {};
   function addNode(name) {
     if (name in nodeIndex) return nodeIndex[name];
@@ -177,17 +197,23 @@
   // the three weakest levels are hairlines (<= 1px): Skia strokes those several times faster
   var WIDTHS = [0.5, 0.75, 1, 1.6, 2.4, 3.4, 0.6];
   function widthOf(level) { return WIDTHS[level]; }
-  function colourOf(v) { return v !== v ? NANC : v >= 0 ? POS : NEG; }
-  // buckets: (level 0..6) x (sign 0..2) x (dash 0..2); drawn in ORDER: NaN first, then weakest to strongest
-  var ORDER = [];
-  for (var oi = 54; oi < 63; oi++) ORDER.push(oi);
-  for (oi = 0; oi < 54; oi++) ORDER.push(oi);
+  function colourOf(v, r) { return r !== undefined && HL[r] ? DIFF : v !== v ? NANC : v >= 0 ? POS : NEG; }
+  // buckets: (level 0..6) x (colour 0..3: positive, negative, NaN, highlighted) x (dash 0..2); drawn in
+  // ORDER: NaN first, then weakest to strongest, the highlighted ones last (on top)
+  var NB = 84, ORDER = [], oi, lvo;
+  for (oi = 0; oi < 3; oi++) ORDER.push(6 * 12 + 2 * 3 + oi);
+  for (lvo = 0; lvo < 6; lvo++) for (oi = 0; oi < 6; oi++) ORDER.push(lvo * 12 + oi);
+  for (lvo = 0; lvo < 7; lvo++) for (oi = 9; oi < 12; oi++) ORDER.push(lvo * 12 + oi);
+  function bucketOf(i) {  // [level, colour, dash] of bucket i
+    return [Math.floor(i / 12), Math.floor(i / 3) % 4, i % 3];
+  }
+  function bucketColour(sg) { return sg === 0 ? POS : sg === 1 ? NEG : sg === 2 ? NANC : DIFF; }
   function buckets() {
     var mx = maxAbsKept(), b = [];
-    for (var i = 0; i < 63; i++) b.push([]);
+    for (var i = 0; i < NB; i++) b.push([]);
     for (i = 0; i < kept.length; i++) {
-      var r = kept[i], v = EW[r], lv = levelOf(v, mx), sg = v !== v ? 2 : v >= 0 ? 0 : 1;
-      b[lv * 9 + sg * 3 + kindCode[ED[r]]].push(r);
+      var r = kept[i], v = EW[r], lv = levelOf(v, mx), sg = HL[r] ? 3 : v !== v ? 2 : v >= 0 ? 0 : 1;
+      b[lv * 12 + sg * 3 + kindCode[ED[r]]].push(r);
     }
     return b;
   }
@@ -215,12 +241,13 @@
     // huge multi-curve path, and dashes cost about 1.5x, so they are left out above DASH_MAX.
     var b = buckets(), a = alphaFor(kept.length), dashed = kept.length <= DASH_MAX;
     c.globalAlpha = a; c.lineCap = kept.length <= 2000 ? "round" : "butt";
-    for (var oo = 0; oo < 63; oo++) {
+    for (var oo = 0; oo < ORDER.length; oo++) {
       var i = ORDER[oo], list = b[i];
       if (!list.length) continue;
-      var lv = Math.floor(i / 9), sg = Math.floor(i / 3) % 3, kd = i % 3;
-      c.strokeStyle = sg === 0 ? POS : sg === 1 ? NEG : NANC;
-      c.lineWidth = widthOf(lv);
+      var bk = bucketOf(i), lv = bk[0], sg = bk[1], kd = bk[2];
+      c.strokeStyle = bucketColour(sg);
+      c.globalAlpha = sg === 3 ? Math.max(a, 0.85) : a;
+      c.lineWidth = widthOf(lv) + (sg === 3 ? 0.6 : 0);
       c.setLineDash(dashed && kd === 1 ? DASH.k : dashed && kd === 2 ? DASH.v : []);
       for (var j = 0; j < list.length; j++) {
         var o = list[j] * 8, x0 = sx(GEO[o]), y0 = sy(GEO[o + 1]), x3 = sx(GEO[o + 6]), y3 = sy(GEO[o + 7]);
@@ -235,6 +262,7 @@
     // nodes
     var rr = nodeRadius();
     for (i = 0; i < nodes.length; i++) drawNode(c, nodes[i], rr, nodeUsed[i] ? COLOURS[nodes[i].type] : IDLE, !!nodeUsed[i]);
+    for (i = 0; i < nodes.length; i++) if (nodeUsed[i] && HLN[nodes[i].name]) ring(c, i, DIFF);
     // labels last, on a white backing, so nothing drawn hides them
     c.font = LABEL_FONT; c.textBaseline = "middle";
     labelLayout(w, h).forEach(function (lb) {
@@ -341,7 +369,7 @@
   var hoverEdge = -1, hoverNode = -1, selNode = -1;
   function strokeEdge(c, r, extra) {
     var o = r * 8, v = EW[r];
-    c.strokeStyle = colourOf(v); c.lineWidth = widthOf(levelOf(v, maxAbsKept())) + extra;
+    c.strokeStyle = colourOf(v, r); c.lineWidth = widthOf(levelOf(v, maxAbsKept())) + extra;
     var kd = kindCode[ED[r]]; c.setLineDash(kd === 1 ? DASH.k : kd === 2 ? DASH.v : []);
     c.beginPath(); c.moveTo(sx(GEO[o]), sy(GEO[o + 1]));
     c.bezierCurveTo(sx(GEO[o + 2]), sy(GEO[o + 3]), sx(GEO[o + 4]), sy(GEO[o + 5]), sx(GEO[o + 6]), sy(GEO[o + 7]));
@@ -711,18 +739,19 @@
     });
     if (conn.length) out.push('<path class="kv-links" d="' + conn.join("") + '" fill="none" stroke="' + KV_LINK + '"/>');
     var b = buckets(), a = alphaFor(kept.length), dashed = kept.length <= DASH_MAX;
-    for (var oo = 0; oo < 63; oo++) {
+    for (var oo = 0; oo < ORDER.length; oo++) {
       var i = ORDER[oo], list = b[i];
       if (!list.length) continue;
-      var lv = Math.floor(i / 9), sg = Math.floor(i / 3) % 3, kd = dashed ? i % 3 : 0, d = [];
+      var bk = bucketOf(i), lv = bk[0], sg = bk[1], kd = dashed ? bk[2] : 0, d = [];
       for (var j = 0; j < list.length; j++) {
         var o = list[j] * 8;
         d.push("M" + f1(sx(GEO[o])) + " " + f1(sy(GEO[o + 1])) + "C" + f1(sx(GEO[o + 2])) + " " + f1(sy(GEO[o + 3])) + " " +
           f1(sx(GEO[o + 4])) + " " + f1(sy(GEO[o + 5])) + " " + f1(sx(GEO[o + 6])) + " " + f1(sy(GEO[o + 7])));
       }
       var dash = kd === 1 ? ' stroke-dasharray="5 3"' : kd === 2 ? ' stroke-dasharray="1.5 2.5"' : "";
-      out.push('<path class="edges" d="' + d.join("") + '" fill="none" stroke="' + (sg === 0 ? POS : sg === 1 ? NEG : NANC) +
-        '" stroke-width="' + widthOf(lv).toFixed(1) + '" stroke-opacity="' + a + '" stroke-linecap="round"' + dash + "/>");
+      out.push('<path class="edges' + (sg === 3 ? " highlighted" : "") + '" d="' + d.join("") + '" fill="none" stroke="' + bucketColour(sg) +
+        '" stroke-width="' + (widthOf(lv) + (sg === 3 ? 0.6 : 0)).toFixed(1) + '" stroke-opacity="' + (sg === 3 ? Math.max(a, 0.85) : a) +
+        '" stroke-linecap="round"' + dash + "/>");
     }
     var rr = nodeRadius();
     nodes.forEach(function (n, k) {
@@ -737,6 +766,7 @@
         out.push('<rect x="' + f1(x - w / 2) + '" y="' + f1(y2 - hb / 2) + '" width="' + f1(w) + '" height="' + f1(hb) + '" fill="' + fill + '">' + t + "</rect>");
         out.push('<text x="' + f1(x) + '" y="' + f1(y2 + 4) + '" text-anchor="middle" fill="#fff">' + xmlEsc(n.name) + "</text>");
       }
+      if (HLN[n.name]) out.push('<circle class="highlighted" cx="' + f1(x) + '" cy="' + f1(y2) + '" r="' + f1(nodeHitRadius(n) + 1) + '" fill="none" stroke="' + DIFF + '" stroke-width="2"/>');
     });
     labelLayout(W, Hh).forEach(function (lb) {
       out.push('<text class="axis-label" x="' + f1(lb.x) + '" y="' + f1(lb.y + 4) + '"' + (lb.align === "center" ? ' text-anchor="middle"' : "") +
@@ -758,13 +788,14 @@
     item('<i style="width:22px;border-top:2px solid #4b5563"></i>', "q / MLP / logits");
     item('<i style="width:22px;border-top:2px dashed #4b5563"></i>', "k");
     item('<i style="width:22px;border-top:2px dotted #4b5563"></i>', "v");
+    if (hlSpec) item('<i style="width:22px;height:3px;background:' + DIFF + '"></i>', hlSpec.label || "highlighted");
     item("", "width \u221d |score|; q enters a head left, k centre, v right");
     (P.notes || []).forEach(function (t) { notesEl.appendChild(el("p", null, t)); });
   })();
 
   // ------------------------------------------------------------------ start
   // the static SVG of the Circuit section is there for readers without JavaScript: fold it away
-  var fig = document.getElementById("kc-static-circuit");
+  var fig = root.id === "kcv" ? document.getElementById("kc-static-circuit") : null;
   if (fig && fig.parentNode && !(fig.parentNode.tagName === "DETAILS")) {
     var fold = document.createElement("details");
     fold.id = "kc-static-fold";
@@ -784,7 +815,7 @@
   });
 
   // test / scripting hooks
-  window.kcViewer = {
+  return {
     payload: P,
     selectN: function (n) { selectTop(n); apply(); return {select_ms: timing.select_ms, draw_ms: timing.draw_ms}; },
     showCircuit: function () { selectCircuit(); apply(); },
@@ -793,6 +824,10 @@
     kvLinks: function () { return kvLinks().map(function (p) { return [nodes[p[0]].name, nodes[p[1]].name]; }); },
     sliderN: function (pos) { return posToN(pos === undefined ? slider.value : pos); },
     selectedEdges: function () { return Array.prototype.map.call(kept, function (r) { return srcNames[ES[r]] + "->" + dstNames[ED[r]]; }); },
+    highlightedEdges: function () {  // the drawn edges in the highlight colour
+      return Array.prototype.filter.call(kept, function (r) { return HL[r]; }).map(function (r) { return srcNames[ES[r]] + "->" + dstNames[ED[r]]; });
+    },
+    highlightedNodes: function () { return nodes.filter(function (n, k) { return nodeUsed[k] && HLN[n.name]; }).map(function (n) { return n.name; }); },
     tableEdges: function () { return Array.prototype.map.call(tbody.querySelectorAll("tr"), function (tr) { return tr.getAttribute("data-edge"); }); },
     nodeClientXY: function (name) {
       var n = nodes[nodeIndex[name]], r = ov.getBoundingClientRect();
@@ -825,4 +860,5 @@
     fit: function () { fit(); redraw(); },
     view: view
   };
+}
 })();

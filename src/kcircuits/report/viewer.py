@@ -18,6 +18,7 @@ import base64
 import json
 import math
 import re
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
@@ -128,7 +129,8 @@ def _initial_view(graph: Graph, src: torch.Tensor, dst: torch.Tensor, scores: to
 
 
 def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, node_details: dict | None = None,
-                   max_edges: int = 50000, open_edges: int = OPEN_EDGES) -> dict:
+                   max_edges: int = 50000, open_edges: int = OPEN_EDGES, highlight: torch.Tensor | None = None,
+                   highlight_nodes: Iterable[str] = (), highlight_label: str = "highlighted") -> dict:
     """Everything the viewer needs, as a JSON-able dict (see ``docs/viewer.md`` for the format).
 
     ``scores``: ``[n_src, n_dst]`` attribution scores of the whole graph (``circuit.scores`` when
@@ -136,6 +138,10 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
     ``max_edges`` caps the stored edges (the strongest ones; the circuit's own edges are always
     kept); the payload then says so and the slider stops at the cap. A circuit of more than
     ``open_edges`` edges opens on its strongest part (``initial``), a note says how to see all of it.
+    ``highlight``: ``[n_src, n_dst]`` bool, edges drawn in the highlight colour whenever they are drawn
+    (always stored, like the circuit's), and ``highlight_nodes`` the node names ringed in it, with
+    ``highlight_label`` in the legend: what only this circuit has beside another (see
+    :func:`kcircuits.report.circuit_pairs.pair_viewers`).
     """
     if circuit.graph.describe() != graph.describe():
         raise KcircuitsError("the circuit belongs to a different graph than the one given to the viewer")
@@ -151,16 +157,19 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
         src, dst = torch.nonzero(circuit.edges, as_tuple=True)
         scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
     n_total = int(src.numel())
+    if highlight is not None and tuple(highlight.shape) != (graph.n_src, graph.n_dst):
+        raise KcircuitsError(f"highlight has shape {tuple(highlight.shape)}, expected {(graph.n_src, graph.n_dst)}")
     in_circ = circuit.edges[src, dst]
+    in_hl = highlight.bool().cpu()[src, dst] if highlight is not None else torch.zeros_like(in_circ)
     ranks = torch.nonzero(in_circ).flatten()
     max_edges = max(int(max_edges), 0)
     n_ordered = min(n_total, max_edges)
     capped = n_ordered < n_total
-    if capped:  # keep the prefix, plus any circuit edge beyond it (appended, so the prefix stays exact)
-        extra = ranks[ranks >= n_ordered]
-        keep = torch.cat([torch.arange(n_ordered), extra])
+    if capped:  # keep the prefix, plus any circuit or highlighted edge beyond it (appended: the prefix stays exact)
+        extra = torch.nonzero(in_circ | in_hl).flatten()
+        keep = torch.cat([torch.arange(n_ordered), extra[extra >= n_ordered]])
         src, dst = src[keep], dst[keep]
-        in_circ = in_circ[keep]
+        in_circ, in_hl = in_circ[keep], in_hl[keep]
         ranks = torch.nonzero(in_circ).flatten()
     n_circuit = int(circuit.n_edges)
     # the smallest n whose top-n + prune gives exactly this circuit (prune is monotone and idempotent,
@@ -208,6 +217,9 @@ def viewer_payload(graph: Graph, circuit: Circuit, scores: torch.Tensor | None, 
         "initial": initial,
         "notes": notes,
         "details": _clean(node_details) if node_details else None,
+        "highlight": None if highlight is None else {
+            "label": highlight_label, "nodes": sorted(set(highlight_nodes)),
+            "ranks": {"dtype": "int32", "data": _b64(torch.nonzero(in_hl).flatten().numpy().astype("<i4"))}},
     }
 
 
@@ -232,41 +244,63 @@ _N_LABEL = "number of edges selected before pruning"
 
 def viewer_section(payload: dict) -> str:
     """The viewer's HTML: controls, canvas, side panel, edge table, inline CSS, data and script."""
+    return viewer_style() + viewer_html(payload) + viewer_script()
+
+
+def viewer_style() -> str:
+    """The viewers' CSS, once per page."""
+    return f"<style>{_asset('viewer.css')}</style>"
+
+
+def viewer_script() -> str:
+    """The viewers' script, after their HTML: it mounts every viewer on the page not yet mounted."""
     js = _asset("viewer.js")
     if "</script" in js.lower():  # would end the inline script early
         raise KcircuitsError("viewer.js must not contain '</script'")
-    return f"""<style>{_asset("viewer.css")}</style>
-<div class="kcv" id="kcv">
+    return f"<script>{js}</script>"
+
+
+def viewer_html(payload: dict, key: str = "kcv") -> str:
+    """One viewer's HTML and data (no script: :func:`viewer_script` after the page's viewers mounts them).
+
+    Args:
+        payload: the viewer's data (:func:`viewer_payload`).
+        key: the id of the viewer's element, and the prefix of its parts' ids: ``"kcv"`` for the run's own
+            viewer; a page with several gives each its own, e.g. ``"kcv-pair0-after"``.
+    """
+    if not re.fullmatch(r"kcv(-[a-z0-9]+)*", key):
+        raise KcircuitsError(f"viewer key {key!r} must be 'kcv' or 'kcv-' followed by lowercase words")
+    return f"""<div class="kcv" id="{key}">
 <div class="kcv-bar">
  <label class="kcv-nlab" title="{_N_TITLE}">top
-  <input type="range" id="kcv-n" min="0" max="0" value="0" aria-label="{_N_LABEL}">
-  <input type="number" id="kcv-nbox" min="0" max="0" value="0" aria-label="{_N_LABEL}"></label>
- <span class="kcv-count" id="kcv-count"></span>
+  <input type="range" id="{key}-n" min="0" max="0" value="0" aria-label="{_N_LABEL}">
+  <input type="number" id="{key}-nbox" min="0" max="0" value="0" aria-label="{_N_LABEL}"></label>
+ <span class="kcv-count" id="{key}-count"></span>
  <span class="kcv-btns"><button type="button" data-act="circuit"
   title="back to the run's own circuit">run's circuit</button>
  <button type="button" data-act="fit" title="fit the drawing into the view">fit</button>
  <button type="button" data-act="svg">Download SVG</button>
  <button type="button" data-act="png">Download PNG</button></span>
 </div>
-<div class="kcv-notes" id="kcv-notes"></div>
+<div class="kcv-notes" id="{key}-notes"></div>
 <div class="kcv-main">
- <div class="kcv-stage" id="kcv-stage"><canvas id="kcv-canvas"></canvas><canvas id="kcv-over"></canvas>
-  <div class="kcv-tip" id="kcv-tip" hidden></div>
+ <div class="kcv-stage" id="{key}-stage"><canvas id="{key}-canvas"></canvas><canvas id="{key}-over"></canvas>
+  <div class="kcv-tip" id="{key}-tip" hidden></div>
   <div class="kcv-help">wheel: zoom &middot; drag: pan &middot; click a node for details</div></div>
- <aside class="kcv-panel" id="kcv-panel"><p class="kcv-muted">Click a node to see its details.</p></aside>
+ <aside class="kcv-panel" id="{key}-panel"><p class="kcv-muted">Click a node to see its details.</p></aside>
 </div>
-<div class="kcv-legend" id="kcv-legend"></div>
-<details class="kcv-tablebox" id="kcv-tablebox"><summary>Edge table</summary>
- <div class="kcv-tbar"><input type="search" id="kcv-filter" placeholder="filter by node name, e.g. a3.h2 or m5"
-  aria-label="filter edges by node name"> <span id="kcv-tcount" class="kcv-muted"></span></div>
- <div class="scroll"><table class="kcv-table" id="kcv-table"><thead><tr>
+<div class="kcv-legend" id="{key}-legend"></div>
+<details class="kcv-tablebox" id="{key}-tablebox"><summary>Edge table</summary>
+ <div class="kcv-tbar"><input type="search" id="{key}-filter" placeholder="filter by node name, e.g. a3.h2 or m5"
+  aria-label="filter edges by node name"> <span id="{key}-tcount" class="kcv-muted"></span></div>
+ <div class="scroll"><table class="kcv-table" id="{key}-table"><thead><tr>
   <th data-sort="rank">rank</th><th data-sort="src">source</th><th data-sort="dst">destination</th>
   <th data-sort="kind">kind</th><th data-sort="score">score</th><th data-sort="abs">|score|</th></tr></thead>
   <tbody></tbody></table></div>
- <button type="button" id="kcv-more" hidden>show more rows</button>
+ <button type="button" id="{key}-more" hidden>show more rows</button>
 </details>
-<noscript><p class="note">The interactive viewer needs JavaScript; the drawing in the Circuit section above
-shows the same circuit without it.</p></noscript>
+<noscript><p class="note">The interactive viewer needs JavaScript; the report's static drawings show the
+same circuit without it.</p></noscript>
 </div>
-<script type="application/json" id="kcv-data">{payload_json(payload)}</script>
-<script>{js}</script>"""
+<script type="application/json" id="{key}-data">{payload_json(payload)}</script>
+"""
