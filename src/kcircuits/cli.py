@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_circuits_parser(sub)
 
+    from kcircuits.weight_circuits.cli import add_inside_parser
+    from kcircuits.weight_circuits.cli import add_parser as add_weight_circuit
+
+    add_weight_circuit(sub)
+    add_inside_parser(sub)
+
     ds = sub.add_parser("datasets", help="list the bundled relation datasets, or check/show one")
     ds.add_argument("name", nargs="?", help="a bundled name or a .json/.csv file to validate and show")
 
@@ -220,6 +226,18 @@ def _edit_circuits(args) -> None:
     run_circuits(args)
 
 
+def _weight_circuit(args) -> None:
+    from kcircuits.weight_circuits.cli import run
+
+    run(args)
+
+
+def _edit_inside(args) -> None:
+    from kcircuits.weight_circuits.cli import run_inside
+
+    run_inside(args)
+
+
 def _trace(args) -> None:
     from kcircuits.edit.cli import run
 
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     made_before = len(runs.CREATED) if runs is not None else 0
     handlers = {"discover": _discover, "select": _select, "evaluate": _evaluate, "compare": _compare, "study": _study,
                 "influence": _influence, "trace": _trace, "edit": _edit, "edit-bench": _edit_bench,
-                "edit-circuits": _edit_circuits,
+                "edit-circuits": _edit_circuits, "weight-circuit": _weight_circuit, "edit-inside": _edit_inside,
                 "datasets": _datasets, "models": _models}
     try:
         handlers[args.command](args)

@@ -325,10 +325,15 @@ def settings_doc(*classes: type, param: str | None = None) -> str:
     return "\n".join(lines)
 
 
+#: the API parameter names of this module's settings classes; a settings class elsewhere declares its own
+#: as a class attribute ``PARAM`` (e.g. ``EditCircuitSettings.PARAM = "edit_circuits"``)
+_PARAMS = {"ScoringSettings": "scoring", "AttributionSettings": "attribution", "CircuitSize": "size",
+           "PromptSettings": "prompts", "EvaluationSettings": "evaluation", "RunSettings": "run"}
+
+
 def param_name(cls: type) -> str:
-    return {"ScoringSettings": "scoring", "AttributionSettings": "attribution", "CircuitSize": "size",
-            "PromptSettings": "prompts", "EvaluationSettings": "evaluation", "RunSettings": "run",
-            "EditCircuitSettings": "edit_circuits"}.get(cls.__name__, cls.__name__.lower())
+    """The keyword under which the API takes a ``cls`` object (``scoring=``, ``size=``, ``edit_circuits=``, ...)."""
+    return cls.__dict__.get("PARAM") or _PARAMS.get(cls.__name__, cls.__name__.lower())
 
 
 # --------------------------------------------------------------------------- the command line

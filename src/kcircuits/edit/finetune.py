@@ -42,14 +42,16 @@ import torch
 from kcircuits.edit.requests import EditRequest, target_ids, validate_requests
 from kcircuits.edit.registry import EditInputs, register
 from kcircuits.edit.rome import teacher_forced_batch
+from kcircuits.edit.settings import FT_LOSSES
 from kcircuits.edit.stats import MlpOutput, mlp_output
 from kcircuits.models import LoadedModel
 from kcircuits.settings import finite_number, one_of, require, set_field, whole_number
 
-__all__ = ["FT_L", "FT_M", "LOSSES", "FinetuneSettings", "finetune_deltas", "ft_l", "ft_m"]
+__all__ = ["FT_L", "FT_M", "LOSSES", "Batch", "FinetuneSettings", "batch_loss", "batches", "finetune_deltas",
+           "frozen", "ft_l", "ft_m", "logprobs_and_margins", "scored_logits"]
 
 #: how a request's target-token NLLs are reduced
-LOSSES = ("mean", "sum")
+LOSSES = FT_LOSSES
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,17 @@ FT_M = FinetuneSettings()
 
 
 @dataclass(frozen=True)
-class _Batch:
-    """Some requests' teacher-forced inputs and what the loss reads.
+class Batch:
+    """Some requests' teacher-forced inputs and what the loss reads (made by :func:`batches`).
 
-    ``ids``, ``mask`` ``[n, P]`` (right-padded); ``positions``, ``tokens``, ``scored`` ``[n, t]``: the
-    position whose logits score each target token, the token, and whether it exists; ``checked [n, t]``:
-    the tokens whose margin decides the early stop."""
+    Fields:
+        ids: ``[n, P]`` token ids, right-padded: each prompt followed by its target's tokens but the last.
+        mask: ``[n, P]`` attention mask (1 on real tokens).
+        positions: ``[n, t]`` the position whose logits score each target token.
+        tokens: ``[n, t]`` the target tokens.
+        scored: ``[n, t]`` bool, whether the target token exists (targets have different lengths).
+        checked: ``[n, t]`` bool, the tokens whose margin decides the early stop.
+    """
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -121,9 +128,18 @@ class _Batch:
     checked: torch.Tensor
 
 
-def _batches(lm: LoadedModel, requests: Sequence[EditRequest], masked: bool, batch_size: int) -> list[_Batch]:
-    """The requests in batches of ``batch_size``. FT-M scores target token ``j`` at its own teacher-forced
-    position; FT-L scores every target token at the prompt's last position (``positions[:, 0]``)."""
+def batches(lm: LoadedModel, requests: Sequence[EditRequest], masked: bool, batch_size: int) -> list[Batch]:
+    """The requests' training inputs in batches of ``batch_size``, on the model's device.
+
+    FT-M scores target token ``j`` at its own teacher-forced position; FT-L scores every target token
+    at the prompt's last position (``positions[:, 0]``).
+
+    Args:
+        lm: the model (its tokenizer and pad token build the batches).
+        requests: the validated requests, each trained on ``target_new`` after its filled prompt.
+        masked: ``True`` for FT-M's teacher-forced positions, ``False`` for FT-L's.
+        batch_size: requests per batch (the last batch may be smaller).
+    """
     out = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
@@ -134,14 +150,31 @@ def _batches(lm: LoadedModel, requests: Sequence[EditRequest], masked: bool, bat
         if not masked:
             positions = positions[:, :1].expand_as(positions)
             checked[:, 1:] = False
-        out.append(_Batch(ids, mask, positions, tokens, scored, checked))
+        out.append(Batch(ids, mask, positions, tokens, scored, checked))
     return out
 
 
-def _logprobs_and_margins(logits: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """From ``logits [n, P, V]``: each scored token's log-probability and its margin (its logit minus
-    the largest other logit at its position), both ``[n, t]`` in float32."""
-    picked = logits.gather(1, batch.positions[..., None].expand(-1, -1, logits.shape[-1])).float()  # [n, t, V]
+def scored_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The logits that score each target token: ``[n, t, V]`` in float32, row ``[i, j]`` the logits at
+    ``batch.positions[i, j]`` (rows of tokens that do not exist, ``~batch.scored``, are padding).
+
+    Args:
+        logits: ``[n, P, V]`` the model's logits on ``batch.ids``.
+        batch: the batch they were computed on.
+    """
+    return logits.gather(1, batch.positions[..., None].expand(-1, -1, logits.shape[-1])).float()
+
+
+def logprobs_and_margins(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scored target token's log-probability and its margin (its logit minus the largest other logit
+    at its position; > 0 exactly when the token is the strict top-1), both ``[n, t]`` in float32; the
+    margins are detached. Entries where ``batch.scored`` is False are padding.
+
+    Args:
+        logits: ``[n, P, V]`` the model's logits on ``batch.ids``.
+        batch: the batch they were computed on.
+    """
+    picked = scored_logits(logits, batch)  # [n, t, V]
     tokens = batch.tokens[..., None]
     logp = torch.log_softmax(picked, -1).gather(-1, tokens)[..., 0]
     others = picked.detach().scatter(-1, tokens, float("-inf")).amax(-1)
@@ -154,23 +187,49 @@ def _request_nll(logp: torch.Tensor, scored: torch.Tensor, loss: str) -> torch.T
     return total / scored.sum(1) if loss == "mean" else total
 
 
-def _accumulate(lm: LoadedModel, batches: list[_Batch], settings: FinetuneSettings, n_requests: int) -> bool:
+def batch_loss(logits: torch.Tensor, batch: Batch, loss: str, n_requests: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's share of the training loss (the mean over all requests of each request's target NLL)
+    and its scored tokens' margins: the one definition of the FT objective, so that every trainer
+    (:func:`finetune_deltas`, :func:`kcircuits.edit.masked_finetune.masked_finetune`) optimises the same.
+
+    Summed over the batches of :func:`batches`, the first value is the full loss; its gradient is the
+    full loss's gradient whatever the batch size.
+
+    Args:
+        logits: ``[n, P, V]`` the model's logits on ``batch.ids``.
+        batch: the batch they were computed on.
+        loss: ``"mean"`` (each request's per-token mean NLL) or ``"sum"`` (its whole target NLL).
+        n_requests: the number of requests over all batches (the mean's denominator).
+
+    Returns:
+        ``(loss [], margins [n, t])``: the margin of each scored token is its logit minus the largest
+        other logit at its position (detached, float32).
+    """
+    logp, margins = logprobs_and_margins(logits, batch)
+    return _request_nll(logp, batch.scored, loss).sum() / n_requests, margins
+
+
+def _accumulate(lm: LoadedModel, prepared: list[Batch], settings: FinetuneSettings, n_requests: int) -> bool:
     """One pass over the batches: back-propagates the mean request loss (gradients accumulate on the
     changes) and returns whether every checked token's margin exceeds ``settings.loss_margin``."""
     holds = settings.loss_margin is not None
-    for b in batches:
+    for b in prepared:
         logits = lm.hf_model(input_ids=b.ids, attention_mask=b.mask).logits
-        logp, margins = _logprobs_and_margins(logits, b)
+        value, margins = batch_loss(logits, b, settings.loss, n_requests)
         if holds:
             holds = bool((margins[b.checked] > settings.loss_margin).all())
-        (_request_nll(logp, b.scored, settings.loss).sum() / n_requests).backward()
+        value.backward()
     return holds
 
 
 @contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
+def frozen(module: torch.nn.Module) -> Iterator[None]:
     """Inside the block no parameter of ``module`` needs a gradient (only the changes are trained, and
-    no ``.grad`` is left on the model); each parameter's flag is restored after."""
+    no ``.grad`` is left on the model); each parameter's flag is restored after, also on an exception.
+
+    Args:
+        module: the model whose parameters are frozen (``LoadedModel.hf_model``).
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -195,19 +254,19 @@ def _output_added(target: MlpOutput, change: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def _train(lm: LoadedModel, batches: list[_Batch], targets: list[MlpOutput], settings: FinetuneSettings,
+def _train(lm: LoadedModel, prepared: list[Batch], targets: list[MlpOutput], settings: FinetuneSettings,
            n_requests: int) -> list[torch.Tensor]:
     """The trained changes ``Δ [d_model, d_mlp]`` (float32), one per target, each starting at zero."""
     changes = [torch.zeros(t.matrix(lm).shape, dtype=torch.float32, device=lm.device, requires_grad=True)
                for t in targets]
     opt = torch.optim.Adam(changes, lr=settings.lr)
     with ExitStack() as stack, torch.enable_grad():
-        stack.enter_context(_frozen(lm.hf_model))
+        stack.enter_context(frozen(lm.hf_model))
         for target, change in zip(targets, changes, strict=True):
             stack.enter_context(_output_added(target, change))
         for _ in range(settings.steps):
             opt.zero_grad()
-            if _accumulate(lm, batches, settings, n_requests):
+            if _accumulate(lm, prepared, settings, n_requests):
                 break
             opt.step()
             if settings.bound is not None:
@@ -238,8 +297,8 @@ def finetune_deltas(lm: LoadedModel, requests: Iterable[EditRequest] | EditReque
     reqs = validate_requests(requests, lm.tokenizer)
     batch_size = whole_number(batch_size, "batch_size", 1)
     targets = [mlp_output(lm, layer) for layer in settings.layers]
-    batches = _batches(lm, reqs, masked, batch_size)
-    changes = _train(lm, batches, targets, settings, len(reqs))
+    prepared = batches(lm, reqs, masked, batch_size)
+    changes = _train(lm, prepared, targets, settings, len(reqs))
     return {name: delta for t, c in zip(targets, changes, strict=True) for name, delta in t.delta(c).items()}
 
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from kcircuits.errors import KcircuitsError
 from kcircuits.settings import DTYPES, finite_number, one_of, option, require, set_field, whole_number
 
-__all__ = ["MEASURED_LAYERS", "TRACE_KINDS", "EditCircuitSettings", "EditSettings", "FinetuneOptions",
-           "RequestSettings", "TraceSettings", "ValueSettings"]
+__all__ = ["FT_LOSSES", "MEASURED_LAYERS", "TRACE_KINDS", "EditCircuitSettings", "EditSettings", "FinetuneOptions",
+           "MaskedFinetuneSettings", "RequestSettings", "TraceSettings", "ValueSettings"]
+
+#: how a request's target-token NLLs are reduced in fine-tuning (FT-L, FT-M, masked fine-tuning)
+FT_LOSSES = ("mean", "sum")
 
 #: the states causal tracing restores (the same names, in the same order, as kcircuits.edit.trace.KINDS)
 TRACE_KINDS = ("hidden", "mlp", "attn")
@@ -135,7 +138,7 @@ class FinetuneOptions:
     ft_steps: int = option(25, "fine-tuning steps at most (FT-L, FT-M)")
     ft_lr: float = option(5e-4, "fine-tuning learning rate (Adam)", type=float)
     ft_bound: float = option(5e-4, "FT-L: every weight's change stays within +-this (L-infinity)", type=float)
-    ft_loss: str = option("mean", "a request's loss: mean or sum of its target tokens' NLL", choices=("mean", "sum"))
+    ft_loss: str = option("mean", "a request's loss: mean or sum of its target tokens' NLL", choices=FT_LOSSES)
     loss_margin: float | None = option(None, "stop once every target token is top-1 by more than this logit "
                                        "margin (default: run every step)", type=float)
 
@@ -144,7 +147,7 @@ class FinetuneOptions:
         for name, flag in (("ft_lr", "--ft-lr"), ("ft_bound", "--ft-bound")):
             set_field(self, name, finite_number(getattr(self, name), flag))
             require(getattr(self, name) > 0, f"{flag} must be > 0, got {getattr(self, name):g}")
-        one_of(self.ft_loss, ("mean", "sum"), "--ft-loss")
+        one_of(self.ft_loss, FT_LOSSES, "--ft-loss")
         if self.loss_margin is not None:
             set_field(self, "loss_margin", finite_number(self.loss_margin, "--loss-margin"))
             require(self.loss_margin >= 0, f"--loss-margin must be >= 0, got {self.loss_margin:g}")
@@ -218,8 +221,48 @@ class EditCircuitSettings:
                                 "Hit@10 is measured (0: skip the leak check)")
     top_heads: int = option(5, "heads that move the subject's attribute listed per fact")
 
+    PARAM: ClassVar[str] = "edit_circuits"
+
     def __post_init__(self) -> None:
         set_field(self, "facts", whole_number(self.facts, "--facts", 1))
         set_field(self, "pairs", whole_number(self.pairs, "--pairs", 1))
         set_field(self, "neighbours", whole_number(self.neighbours, "--neighbours", 0))
         set_field(self, "top_heads", whole_number(self.top_heads, "--top-heads", 1))
+
+
+@dataclass(frozen=True)
+class MaskedFinetuneSettings:
+    """How :func:`kcircuits.edit.masked_finetune.masked_finetune` trains (the same for every allowed set it is
+    compared on).
+
+    FT-M's objective and Adam, with no bound and no early stop: every variant gets the same step budget.
+
+    Fields:
+        steps: Adam steps (each on every request); 0 records only the untrained model.
+        lr: Adam's learning rate.
+        loss: ``"mean"`` (each request's per-token mean target NLL, EasyEdit's) or ``"sum"`` (its whole NLL).
+        batch_size: requests per forward pass; gradients are accumulated over the batches, so this
+            changes memory and float rounding, not what is trained.
+        eval_every: record the curve every this many steps (1 = after every step); step 0 and the last
+            step are always recorded.
+        seed: seeds torch's random generator during the call (only dropout of a model left in train mode
+            draws from it); the caller's generator state is restored after.
+    """
+
+    steps: int = option(25, "Adam steps, each on every request (EasyEdit's FT-M: 25)")
+    lr: float = option(5e-4, "Adam's learning rate (EasyEdit's FT-M: 5e-4)", type=float)
+    loss: str = option("mean", "target NLL per request: mean over its tokens, or their sum", choices=FT_LOSSES)
+    batch_size: int = option(16, "requests per forward pass (memory, not results)", hashed=False)
+    eval_every: int = option(1, "record the edit metrics every this many steps (1 = every step)")
+    seed: int = option(0, "seed of torch's generator during training (dropout only)")
+
+    PARAM: ClassVar[str] = "finetune"
+
+    def __post_init__(self) -> None:
+        set_field(self, "steps", whole_number(self.steps, "steps", 0))
+        set_field(self, "lr", finite_number(self.lr, "lr"))
+        require(self.lr > 0, f"lr must be > 0, got {self.lr:g}")
+        one_of(self.loss, FT_LOSSES, "fine-tuning loss")
+        set_field(self, "batch_size", whole_number(self.batch_size, "batch_size", 1))
+        set_field(self, "eval_every", whole_number(self.eval_every, "eval_every", 1))
+        set_field(self, "seed", whole_number(self.seed, "seed", 0))
