@@ -106,14 +106,14 @@ def test_rerun_reads_the_masks_back(wc_run, tiny, edge_run, monkeypatch):
 def test_edit_inside_circuit_complement_all_and_edge_components(wc_run, tiny, edge_run, tmp_path):
     res = edit_inside("country_capital", wc_run["folder"], tiny, out=tmp_path / "inside", edge_circuit=edge_run[0],
                       n=3, steps=2, progress=False)
-    assert set(res["variants"]) == {"circuit", "complement", "all", "edge circuit", "rest"}
+    assert set(res["variants"]) == {"circuit", "complement", "all", api.RANDOM_VARIANT, "edge circuit", "rest"}
     assert res["density"] == wc_run["relations"]["country_capital"]["circuit_keeps_from"] or res["density"] == 0.5
     mask = load_weight_mask(f"{wc_run['folder']}/{mask_file('country_capital', res['density'])}").mask
     n_masked = sum(m.numel() for m in mask.values())
     n_circuit = sum(int(m.sum()) for m in mask.values())
     v = res["variants"]
     assert v["circuit"]["n_trainable"] == n_circuit and v["complement"]["n_trainable"] == n_masked - n_circuit
-    assert v["all"]["n_trainable"] == n_masked
+    assert v["all"]["n_trainable"] == n_masked and v[api.RANDOM_VARIANT]["n_trainable"] == n_circuit
     assert v["edge circuit"]["n_trainable"] + v["rest"]["n_trainable"] == n_masked
     for variant in v.values():
         assert [p["step"] for p in variant["curve"]] == [0, 1, 2]
@@ -127,7 +127,7 @@ def test_edit_inside_circuit_complement_all_and_edge_components(wc_run, tiny, ed
 def test_edit_inside_picks_an_asked_density_and_refuses_what_the_run_lacks(wc_run, tiny, tmp_path):
     res = edit_inside("country_language", wc_run["folder"], tiny, out=tmp_path / "a", n=2, steps=1, density=0.1,
                       progress=False)
-    assert res["density"] == 0.1 and set(res["variants"]) == {"circuit", "complement", "all"}
+    assert res["density"] == 0.1 and set(res["variants"]) == {"circuit", "complement", "all", api.RANDOM_VARIANT}
     cases = [
         (lambda: edit_inside("country_capital", wc_run["folder"], tiny, out=tmp_path / "b", density=0.3, n=2,
                              progress=False), "no circuit of density 0.3"),
@@ -194,3 +194,24 @@ def test_torch_free_settings_name_what_the_modules_use():
     from kcircuits.weight_circuits.settings import OBJECTIVES, WEIGHT_ABLATIONS
 
     assert WEIGHT_ABLATIONS == ABLATIONS and OBJECTIVES == weight_masks.OBJECTIVES
+
+
+def test_nested_schedule_continues_from_the_larger_circuit(wc_run, tiny, tmp_path):
+    """Nested (the default): the 0.1 mask's training starts where the 0.5 mask ended; independent: from the
+    full model (every gate open)."""
+    folder = wc_run["folder"]
+    big = load_weight_mask(f"{folder}/{mask_file('country_capital', 0.5)}")
+    small = load_weight_mask(f"{folder}/{mask_file('country_capital', 0.1)}")
+    assert small.history[0]["target_density"] == pytest.approx(big.expected_density, rel=1e-5)
+    res = weight_circuit(["country_capital"], tiny, out=tmp_path / "ind", schedule="independent",
+                         **{**FAST, "densities": (0.1,)})
+    alone = load_weight_mask(f"{res['folder']}/{mask_file('country_capital', 0.1)}")
+    assert alone.history[0]["target_density"] > 0.99
+    with pytest.raises(KcircuitsError, match="unknown density schedule"):
+        weight_circuit(["country_capital"], tiny, out=tmp_path / "bad", schedule="random", **FAST)
+
+
+def test_allocator_tuning_is_accepted_once():
+    from kcircuits.runtime import tune_allocator
+
+    assert tune_allocator() is True and tune_allocator() is True

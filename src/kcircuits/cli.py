@@ -311,6 +311,9 @@ GOMP_SPINCOUNT = "3000"
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads libgomp, after this
+    from kcircuits.runtime import tune_allocator
+
+    tune_allocator()  # freed blocks stay for reuse: no page faults on every torch op (kcircuits.runtime)
     parser = build_parser()
     args = parser.parse_args(argv)
     runs = sys.modules.get("kcircuits.runs")

@@ -70,6 +70,7 @@ from kcircuits.models.fingerprint import hf_module, tensor_digest, weights_finge
 from kcircuits.models.layout import KINDS, parameter_layout
 from kcircuits.models.loader import eval_mode
 from kcircuits.models.masking import ABLATIONS, ablation_value, WeightMask, check_mask, complement, masked
+from kcircuits.runtime import tune_allocator
 from kcircuits.settings import finite_number, hashed_dict, one_of, require, whole_number
 from kcircuits.weight_circuits.settings import OBJECTIVES, WeightMaskSettings
 
@@ -481,19 +482,26 @@ class _State:
     step: int
     generator: torch.Generator
     history: list[dict]
+    start_density: float = 1.0  # the initial logits' expected density: where the warm-up's target starts
 
 
-def _fresh_state(lm, settings: WeightMaskSettings) -> _State:
-    """Every logit at :func:`_initial_logit`, a new Adam, zero multipliers, the generator seeded.
+def _fresh_state(lm, settings: WeightMaskSettings, init: Mapping[str, torch.Tensor] | None = None) -> _State:
+    """Every logit at :func:`_initial_logit` (or a copy of ``init``'s), a new Adam, zero multipliers, the
+    generator seeded.
 
     Adam's ``eps`` is scaled by ``1/n``: every per-entry gradient shrinks like ``1/n`` (the expected density
     is a mean over ``n`` entries), and a fixed ``eps`` would make the dynamics depend on the model's size."""
     device = next(hf_module(lm).parameters()).device
     shapes = maskable_parameters(lm, settings.embeddings)
     require(bool(shapes), "this model has no parameters to mask")
-    init = _initial_logit(settings)
-    logits = {n: torch.full(s, init, dtype=torch.float32, device=device, requires_grad=True)
-              for n, s in shapes.items()}
+    if init is not None:
+        require(set(init) == set(shapes) and all(tuple(init[n].shape) == tuple(s) for n, s in shapes.items()),
+                "the starting logits do not cover this model's maskable parameters (another model, or another "
+                "--embeddings setting)")
+        logits = {n: init[n].detach().float().to(device).clone().requires_grad_(True) for n in shapes}
+    else:
+        logits = {n: torch.full(s, _initial_logit(settings), dtype=torch.float32, device=device, requires_grad=True)
+                  for n, s in shapes.items()}
     n = sum(x.numel() for x in logits.values())
     optimizer = torch.optim.Adam(list(logits.values()), lr=settings.lr, betas=ADAM_BETAS, eps=1e-8 / n,
                                  fused=device.type in ("cpu", "cuda"))
@@ -501,13 +509,12 @@ def _fresh_state(lm, settings: WeightMaskSettings) -> _State:
     return _State(logits, optimizer, [0.0, QUADRATIC_INIT], 0, gen, [])
 
 
-def _target_density(step: int, settings: WeightMaskSettings) -> float:
-    """The density the Lagrangian aims at in ``step`` (0-based): linear from the initial expected density
-    to ``settings.density`` over the warm-up, then constant."""
+def _target_density(step: int, settings: WeightMaskSettings, start: float) -> float:
+    """The density the Lagrangian aims at in ``step`` (0-based): linear from ``start`` (the initial logits'
+    expected density) to ``settings.density`` over the warm-up, then constant."""
     ramp = settings.warmup * settings.steps
     if ramp <= 0 or step >= ramp:
         return settings.density
-    start = float(keep_probability(torch.tensor(_initial_logit(settings)), settings))
     return start + (settings.density - start) * step / ramp
 
 
@@ -547,7 +554,7 @@ def _train_step(lm, state: _State, batch: Batch, references: list[torch.Tensor |
     """One step: one gate sample, the objective's gradient over the batch's chunks, the Lagrangian's,
     an Adam step on the logits and an ascent step on the multipliers. Returns the step's record."""
     noise = {n: logistic_noise(x.shape, state.generator, x.device) for n, x in state.logits.items()}
-    target = _target_density(state.step, settings)
+    target = _target_density(state.step, settings, state.start_density)
     state.optimizer.zero_grad()
     total = 0.0
     for chunk, reference in zip(batch.split(settings.batch_size), references, strict=True):
@@ -568,10 +575,14 @@ def _train_step(lm, state: _State, batch: Batch, references: list[torch.Tensor |
     return record
 
 
-def _digest(settings: WeightMaskSettings, batches: Sequence[Batch]) -> str:
+def _digest(settings: WeightMaskSettings, batches: Sequence[Batch],
+            init: Mapping[str, torch.Tensor] | None = None) -> str:
     """Hash of what determines the training run besides the weights: the settings (less the fields that
-    change how it is computed, not what) and the prompts."""
+    change how it is computed, not what), the prompts and the starting logits."""
     h = hashlib.sha256(json.dumps(hashed_dict(settings), sort_keys=True).encode())
+    for name in sorted(init or {}):
+        h.update(name.encode())
+        h.update(tensor_digest(init[name]))
     for b in batches:
         for t in (b.clean, b.target_pos, b.target_ids, b.target_mask):
             h.update(tensor_digest(t))
@@ -614,7 +625,8 @@ def _check_batches(batches: Sequence[Batch], device: torch.device) -> list[Batch
 
 
 def train_weight_mask(lm, batches: Sequence[Batch], settings: WeightMaskSettings | None = None, *,
-                      checkpoint_dir: str | os.PathLike | None = None, progress: bool = False) -> WeightMaskResult:
+                      checkpoint_dir: str | os.PathLike | None = None, init: WeightMaskResult | None = None,
+                      progress: bool = False) -> WeightMaskResult:
     """Learn a weight circuit: the entries that alone reproduce the model on ``batches`` (module docstring).
 
     Args:
@@ -625,6 +637,9 @@ def train_weight_mask(lm, batches: Sequence[Batch], settings: WeightMaskSettings
         settings: density, steps, objective, ablation, ... (default :class:`WeightMaskSettings`).
         checkpoint_dir: a folder to checkpoint into (``weight_mask.ckpt``) and resume from; a checkpoint of
             other settings, prompts or weights is refused. ``None``: no checkpoints.
+        init: start from this result's logits instead of the full model (the density sweep's ``nested``
+            schedule: each smaller circuit continues from the larger one); the target density then falls
+            from their expected density. Trained on the same model.
         progress: show a progress bar with the loss and the expected density.
 
     Returns:
@@ -635,8 +650,13 @@ def train_weight_mask(lm, batches: Sequence[Batch], settings: WeightMaskSettings
     device = next(hf_module(lm).parameters()).device
     batches = _check_batches(batches, device)
     fingerprint = weights_fingerprint(lm)
-    digest = _digest(settings, batches)
-    state = _fresh_state(lm, settings)
+    tune_allocator()
+    if init is not None:
+        require(init.fingerprint == fingerprint, "the starting weight mask was trained on other weights")
+    digest = _digest(settings, batches, None if init is None else init.logits)
+    state = _fresh_state(lm, settings, None if init is None else init.logits)
+    with torch.no_grad():
+        state.start_density = float(expected_density(state.logits, settings))
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if path is not None and path.exists():
         _load_checkpoint(path, state, digest, fingerprint)

@@ -47,8 +47,8 @@ from kcircuits.weight_circuits.settings import (
     WeightMaskSettings,
 )
 
-__all__ = ["EDIT_INSIDE_FILE", "EDIT_INSIDE_SETTINGS", "WEIGHT_CIRCUIT_FILE", "WEIGHT_CIRCUIT_SETTINGS", "edit_inside",
-           "mask_file", "read_weight_circuit_run", "weight_circuit"]
+__all__ = ["EDIT_INSIDE_FILE", "EDIT_INSIDE_SETTINGS", "RANDOM_VARIANT", "WEIGHT_CIRCUIT_FILE",
+           "WEIGHT_CIRCUIT_SETTINGS", "edit_inside", "mask_file", "read_weight_circuit_run", "weight_circuit"]
 
 #: what :func:`weight_circuit` writes: every relation's sweep, the overlaps
 WEIGHT_CIRCUIT_FILE = "weight_circuit.json"
@@ -58,6 +58,9 @@ EDIT_INSIDE_FILE = "edit_inside.json"
 WEIGHT_CIRCUIT_SETTINGS = (WeightCircuitSettings, WeightMaskSettings, CompositionSettings, PromptSettings, RunSettings)
 #: the settings :func:`edit_inside` takes
 EDIT_INSIDE_SETTINGS = (EditInsideSettings, MaskedFinetuneSettings, RunSettings)
+#: edit-inside's baseline: a seeded random set of exactly the circuit's size over the same parameters (a
+#: circuit that "resists" new facts must resist more than this, not only more than its larger complement)
+RANDOM_VARIANT = "random, circuit's size"
 #: the held-out share when the prompt settings give no split: a weight circuit is always scored on prompts
 #: of subjects it was not trained on
 DEFAULT_SPLIT = 0.5
@@ -94,16 +97,17 @@ def _edge_runs(edge_circuits: Sequence[str | Path]) -> dict[str, list[str]]:
 
 
 def _train_or_read(run_folder, lm: LoadedModel, relation: str, density: float, batches: list, wm: WeightMaskSettings,
-                   progress: bool):
-    """The mask of one relation and density: read back when the run folder has it, else trained (resuming
-    from its checkpoint folder, removed once the mask is written)."""
+                   progress: bool, init=None):
+    """The mask of one relation and density: read back when the run folder has it, else trained (from
+    ``init``'s logits when given; resuming from its checkpoint folder, removed once the mask is written)."""
     from kcircuits.discover.weight_masks import load_weight_mask, save_weight_mask, train_weight_mask
 
     name = mask_file(relation, density)
     if run_folder.has(name):
         return load_weight_mask(run_folder.file(name))
     ckpt = run_folder.file(f"checkpoint_{_slug(relation)}_d{density:g}")
-    result = train_weight_mask(lm, batches, replace(wm, density=density), checkpoint_dir=ckpt, progress=progress)
+    result = train_weight_mask(lm, batches, replace(wm, density=density), checkpoint_dir=ckpt, init=init,
+                               progress=progress)
     save_weight_mask(run_folder.file(name), result)
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
@@ -177,16 +181,18 @@ def weight_circuit(relations: str | Sequence[str], model: str | LoadedModel = "s
 
             engine = Engine(lm.weights, Graph.from_model(lm.weights))
         result: dict = {"relations": {}, "densities": list(ws.densities), "ablation": wm.ablation,
-                        "keep_share": ws.keep_share}
+                        "schedule": ws.schedule, "steps": wm.steps, "keep_share": ws.keep_share}
         masks: dict[float, dict[str, dict]] = {d: {} for d in ws.densities}
         for relation in relations:
             split = prepare_prompts(lm, engine, relation, settings=ps, seed=rs.seed, batch_size=rs.batch_size)
             train = model_batches(lm, split["discover"].pairs, rs.batch_size, "first_token")
             test = model_batches(lm, split["test"].pairs, rs.batch_size, "first_token")
-            rows = []
-            for density in ws.densities:
+            rows, previous = [], None
+            for density in sorted(ws.densities, reverse=True):  # nested: each from the next larger one
                 with run_folder.timed(f"{_slug(relation)} d={density:g}"):
-                    trained = _train_or_read(run_folder, lm, relation, density, train, wm, progress)
+                    trained = _train_or_read(run_folder, lm, relation, density, train, wm, progress,
+                                             init=previous if ws.schedule == "nested" else None)
+                    previous = trained
                     if trained.fingerprint != lm.fingerprint:
                         raise KcircuitsError(f"{mask_file(relation, density)} in {run_folder.path} was trained on "
                                              "other weights; use a new --out folder")
@@ -203,6 +209,7 @@ def weight_circuit(relations: str | Sequence[str], model: str | LoadedModel = "s
                 if _slug(relation) in edges:
                     row["edge_overlap"] = edge_weight_overlap(layout, trained.mask, edges[_slug(relation)])
                 rows.append(row)
+            rows.sort(key=lambda r: r["density"])
             result["relations"][relation] = {
                 "n_train": len(split["discover"].pairs), "n_test": len(split["test"].pairs),
                 "prompts_skipped": {k: v.skipped for k, v in split.items()}, "sweep": rows,
@@ -262,8 +269,9 @@ def _chosen_density(result: dict, relation: str, asked: float | None) -> float:
 def edit_inside(relation: str, circuit_run: str | Path, model: str | LoadedModel | None = None, *,
                 out: str | Path | None = None, edge_circuit: str | Path | None = None, progress: bool = True,
                 **settings) -> dict:
-    """Write counterfactual facts of ``relation`` into a weight circuit only, its complement only, or all of
-    their weights (the same FT-M objective, optimiser, learning rate and steps), recording efficacy,
+    """Write counterfactual facts of ``relation`` into a weight circuit only, its complement only, all of
+    their weights, or a random set of the circuit's size (the same FT-M objective, optimiser, learning rate
+    and steps), recording efficacy,
     generalisation and specificity after every step, and whether the circuit alone still holds the old fact
     after each edit. With ``edge_circuit``: the same for the edge circuit's heads and MLPs vs the rest.
 
@@ -285,7 +293,7 @@ def edit_inside(relation: str, circuit_run: str | Path, model: str | LoadedModel
 
     """
     from kcircuits.api import load_circuit
-    from kcircuits.discover.weight_masks import load_weight_mask
+    from kcircuits.discover.weight_masks import load_weight_mask, random_weight_mask
     from kcircuits.edit.masked_finetune import edge_component_masks, inside_outside
     from kcircuits.edit.requests import load_requests
     from kcircuits.models.layout import parameter_layout
@@ -326,8 +334,11 @@ def edit_inside(relation: str, circuit_run: str | Path, model: str | LoadedModel
                               model, rs, check=check)
     with run_folder.removed_if_failed():
         requests = load_requests(relation, es.n, rs.seed, tokenizer=lm.tokenizer)
+        n_kept = sum(int(m.sum()) for m in trained.mask.values())
+        shapes = {n: tuple(m.shape) for n, m in trained.mask.items()}
         allowed: dict[str, Mapping] = {"circuit": trained.mask, "complement": complement(trained.mask),
-                                       "all": {n: ~m | m for n, m in trained.mask.items()}}
+                                       "all": {n: ~m | m for n, m in trained.mask.items()},
+                                       RANDOM_VARIANT: random_weight_mask(shapes, n_kept, rs.seed)}
         if nodes is not None:
             layout = parameter_layout(lm.hf_model)
             allowed.update(edge_component_masks(layout, nodes, over=list(trained.mask)))

@@ -15,13 +15,15 @@ from typing import Any, ClassVar
 
 from kcircuits.settings import finite_number, one_of, option, require, set_field, whole_number
 
-__all__ = ["DEFAULT_DENSITIES", "OBJECTIVES", "WEIGHT_ABLATIONS", "CompositionSettings", "EditInsideSettings",
-           "WeightCircuitSettings", "WeightMaskSettings"]
+__all__ = ["DEFAULT_DENSITIES", "OBJECTIVES", "SCHEDULES", "WEIGHT_ABLATIONS", "CompositionSettings",
+           "EditInsideSettings", "WeightCircuitSettings", "WeightMaskSettings"]
 
 #: what a weight-mask objective reproduces (the same names as kcircuits.discover.weight_masks)
 OBJECTIVES = ("kl", "ce")
 #: what a removed weight becomes (the same names as kcircuits.models.masking.ABLATIONS; a test checks it)
 WEIGHT_ABLATIONS = ("zero", "mean")
+#: how the sweep's densities are trained
+SCHEDULES = ("nested", "independent")
 #: the circuit sizes of the sweep: Ge et al. (2024) find the "ideal" circuit between 5% and 50% of the weights
 DEFAULT_DENSITIES = (0.05, 0.1, 0.25, 0.5)
 
@@ -158,6 +160,10 @@ class WeightCircuitSettings:
     Fields:
         densities: the circuit sizes, each a share of the masked weights in (0, 1); one mask is trained per
             density and relation (sorted, repeats dropped).
+        schedule: ``"nested"``: the largest density is trained from the full model and each smaller one
+            continues from the next larger one's logits, ``steps`` steps each (a small circuit then starts
+            near its size instead of from the full model); ``"independent"``: every density is trained from
+            the full model.
         keep_share: the circuit alone "keeps" the relation when its Hit@10 on the held-out prompts is at
             least this share of the full model's, and the complement "loses" it when its Hit@10 is below
             that share: the report gives the smallest density at which each holds.
@@ -165,12 +171,16 @@ class WeightCircuitSettings:
 
     densities: tuple[float, ...] = option(DEFAULT_DENSITIES, "circuit sizes to train, shares of the masked "
                                           "weights", nargs="+", type=float, metavar="D")
+    schedule: str = option("nested", "nested: each smaller circuit continues training from the next larger one "
+                                     "(--steps each); independent: every density from the full model",
+                           choices=SCHEDULES)
     keep_share: float = option(0.7, "share of the full model's held-out Hit@10 the circuit must keep", type=float)
 
     PARAM: ClassVar[str] = "weight_circuit"
 
     def __post_init__(self) -> None:
         set_field(self, "densities", _densities(self.densities))
+        one_of(self.schedule, SCHEDULES, "density schedule")
         set_field(self, "keep_share", _open_unit(self.keep_share, "--keep-share"))
 
 
