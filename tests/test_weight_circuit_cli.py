@@ -156,7 +156,8 @@ def test_edit_inside_refuses_other_weights(wc_run, tmp_path, tiny_smol_dir):
     assert not (tmp_path / "x").exists()
 
 
-def test_weight_circuit_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path):
+def test_weight_circuit_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, edge_run):
+    edge = edge_run[0]
     cases = [
         (dict(relations=[]), "at least one relation"),
         (dict(relations=RELATIONS, densities=(0.1, 1.5)), "each density must be strictly between 0 and 1"),
@@ -165,6 +166,8 @@ def test_weight_circuit_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path)
         (dict(relations=RELATIONS, steps=0), "--steps"),
         (dict(relations=["country_capital", "country_capital"]), "repeat a name"),
         (dict(relations=RELATIONS, no_such_option=1), "unknown option"),
+        (dict(relations=RELATIONS, edge_circuits=[edge, edge]), "two edge circuits of 'country_capital'"),
+        (dict(relations=["country_language"], edge_circuits=[edge]), "not among the relations"),
     ]
     for i, (kwargs, message) in enumerate(cases):
         relations = kwargs.pop("relations")

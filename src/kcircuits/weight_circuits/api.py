@@ -92,6 +92,9 @@ def _edge_runs(edge_circuits: Sequence[str | Path]) -> dict[str, list[str]]:
         relation = read_json(path).get("relation")
         if not relation:
             raise KcircuitsError(f"{path} does not say which relation its circuit is of; pass a discover run folder")
+        if _slug(relation) in out:
+            raise KcircuitsError(f"two edge circuits of {relation!r} were given ({path} and an earlier one): give one "
+                                 "per relation")
         out[_slug(relation)] = circuit.nodes()
     return out
 
