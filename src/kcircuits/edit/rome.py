@@ -350,18 +350,10 @@ class _Bottom:
             finally:
                 handle.remove()
             return
-        out = self.kept["out"]
-        own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's hooks: put back after
-        for layer in layers:
-            layer.forward = lambda *args, **kwargs: out
-        try:
+        from kcircuits.edit.trace import layers_returning
+
+        with layers_returning(layers, self.kept["out"]):
             yield
-        finally:
-            for layer, forward in zip(layers, own, strict=True):
-                if forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = forward
 
 
 @dataclass

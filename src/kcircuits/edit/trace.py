@@ -67,6 +67,7 @@ __all__ = [
     "corrupted_run",
     "embedding_std",
     "group_positions",
+    "layers_returning",
     "locate_subject",
     "restored_probs",
     "subject_noise",
@@ -505,8 +506,12 @@ def _restore_hook(rows: list[int], positions: list[int], clean: torch.Tensor, fi
 
 
 @contextmanager
-def _skipped(layers: Sequence[torch.nn.Module], output: Any) -> Iterator[None]:
+def layers_returning(layers: Sequence[torch.nn.Module], output: Any) -> Iterator[None]:
     """Make ``layers`` (the first decoder layers) return ``output`` without computing; hooks still run.
+
+    Args:
+        layers: the decoder layers to skip.
+        output: what each of them returns (the output a run already computed for the last one).
 
     A pass whose rows restore nothing before layer ``f`` gets from layers ``[0, f)`` what the corrupted
     run computed, so their ``forward`` is shadowed by an instance attribute for the duration of the
@@ -552,7 +557,7 @@ def _chunk_probs(model: LoadedModel, sp: SubjectPrompt, modules: TraceModules, c
               for key, (rows, positions) in _targets(kept).items()]
     skipped = _rows_output(corrupted.outputs[layer - 1], samples, first) if layer else None
     ids = _ids(model, sp)[:, first:].expand(len(samples), -1)
-    with _hooked(hooks), _skipped(modules.layers[:layer], skipped):
+    with _hooked(hooks), layers_returning(modules.layers[:layer], skipped):
         return _last_prob(_forward(model.hf_model, ids, cache), sp.answer_id)
 
 
