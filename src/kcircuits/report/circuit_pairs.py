@@ -56,9 +56,7 @@ def pair_viewers(before: Circuit, after: Circuit, max_edges: int = PAIR_VIEWER_E
     if before.graph.describe() != after.graph.describe():
         raise KcircuitsError("the two circuits of a pair belong to different graphs: they cannot be drawn side by side")
     out = {}
-    circuits = {"before": before, "after": after}
-    for (side, word), other in zip(_SIDES, (after, before), strict=True):
-        one = circuits[side]
+    for (side, word), one, other in zip(_SIDES, (before, after), (after, before), strict=True):
         out[side] = viewer_payload(one.graph, one, one.scores, max_edges=max_edges, highlight=one.edges & ~other.edges,
                                    highlight_nodes=set(one.nodes()) - set(other.nodes()),
                                    highlight_label=f"only in this circuit ({word})")

@@ -295,6 +295,8 @@ def edit_inside(relation: str, circuit_run: str | Path, model: str | LoadedModel
     Settings (each also accepted by field name):
 
     """
+    import torch
+
     from kcircuits.api import load_circuit
     from kcircuits.discover.weight_masks import load_weight_mask, random_weight_mask
     from kcircuits.edit.masked_finetune import edge_component_masks, inside_outside
@@ -340,7 +342,7 @@ def edit_inside(relation: str, circuit_run: str | Path, model: str | LoadedModel
         n_kept = sum(int(m.sum()) for m in trained.mask.values())
         shapes = {n: tuple(m.shape) for n, m in trained.mask.items()}
         allowed: dict[str, Mapping] = {"circuit": trained.mask, "complement": complement(trained.mask),
-                                       "all": {n: ~m | m for n, m in trained.mask.items()},
+                                       "all": {n: torch.ones_like(m) for n, m in trained.mask.items()},
                                        RANDOM_VARIANT: random_weight_mask(shapes, n_kept, rs.seed)}
         if nodes is not None:
             layout = parameter_layout(lm.hf_model)

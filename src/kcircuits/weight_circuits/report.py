@@ -35,7 +35,8 @@ def _findings(result: dict) -> list[dict]:
             f"{share:.0%} of it from {_d(rel['circuit_keeps_from'])} of the weights; the complement alone falls "
             f"below {share:.0%} of it from {_d(rel['complement_loses_from'])}; both hold from "
             f"{_d(rel['both_from'])}."), "n_prompts": rel["n_test"]})
-        for row in sweep:
+        if sweep:  # the smallest density; the tables have every density
+            row = sweep[0]
             ml = row["composition"]["module_level"]["parameter"]
             rnd = ml.get("random") or {}
             out.append({"text": (
@@ -43,7 +44,6 @@ def _findings(result: dict) -> list[dict]:
                 f"parameters the circuit keeps at least {row['composition']['settings']['module_threshold']:g} of "
                 f"(random masks of the same density: {_pct(rnd.get('mean'))}); by weight, norms are "
                 f"{_pct(_type_share(row, 'norm'))} of the circuit."), "n_prompts": rel["n_train"]})
-            break  # the smallest density; the tables have every density
     return out
 
 
